@@ -1,0 +1,374 @@
+"""One small helper per layer type that SLNB preconditions.
+
+A *neuron* is a module linear in its parameters. Its helper knows three things: how to turn the
+module's input into per-feature statistics (and the metric's raw material), how to apply the
+diagonal incomplete-Cholesky preconditioner, and how to multiply by the metric ``J^T J / N``.
+Vectors are tuples ``(weight,)`` or ``(weight, bias)`` in the parameters' own layouts.
+
+Adding a layer type means writing one subclass and adding it to :func:`neuron_for`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .functional import Vec
+
+BACKENDS = ("auto", "explicit", "matrix_free")
+
+
+@dataclass
+class Capture:
+    """What a neuron saw between two optimizer steps. Transient: never saved, cleared each step.
+
+    Attributes:
+        sum_x: Sum of the input features over every input position, shape ``(d,)``.
+        sum_x2: Sum of their squares, shape ``(d,)``.
+        count: Number of input positions (a 0-d tensor, so it can be all-reduced with the rest).
+        n_out: Number of output positions ``N`` of the metric (0-d tensor).
+        gram: Explicit backend: ``sum x x^T`` over input positions (``(d, d)``), else ``None``.
+        inputs: Matrix-free backend: the inputs themselves, as given to the layer.
+        explicit: Which backend this step uses (fixed by the first input of the step).
+    """
+
+    sum_x: Tensor
+    sum_x2: Tensor
+    count: Tensor
+    n_out: Tensor
+    gram: Tensor | None = None
+    inputs: list[Tensor] = field(default_factory=list)
+    explicit: bool = True
+
+    def square_sums(self) -> Tensor:
+        """Sum of squared features (the gram's diagonal when the explicit backend is used)."""
+        return torch.diagonal(self.gram) if self.gram is not None else self.sum_x2
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors that a data-parallel reduction sums (inputs excluded)."""
+        out = [self.sum_x, self.sum_x2, self.count, self.n_out]
+        if self.gram is not None:
+            out.append(self.gram)
+        return out
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or the parameter's dtype, whichever is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Neuron:
+    """Base helper: bookkeeping shared by every layer type.
+
+    Args:
+        name: The module's qualified name (for messages and ``skip_modules``).
+        module: The module.
+        weight: Its weight parameter.
+        bias: Its bias parameter, or ``None``.
+        backend: ``"auto"``, ``"explicit"`` or ``"matrix_free"``.
+    """
+
+    kind = "neuron"
+    supports_explicit = True
+    supports_matrix_free = True
+
+    def __init__(
+        self, name: str, module: nn.Module, weight: Tensor, bias: Tensor | None, backend: str
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.weight = weight
+        self.bias = bias
+        self.backend = backend
+        self.dtype = stat_dtype(weight.dtype)
+        self.capture: Capture | None = None
+        self.cg_iters_hint = 2
+
+    # -- statistics -------------------------------------------------------------------------
+    @property
+    def num_features(self) -> int:
+        raise NotImplementedError
+
+    def _new_capture(self, explicit: bool) -> Capture:
+        d, dev = self.num_features, self.weight.device
+        zeros = torch.zeros(d, dtype=self.dtype, device=dev)
+        return Capture(
+            sum_x=zeros,
+            sum_x2=zeros.clone(),
+            count=torch.zeros((), dtype=self.dtype, device=dev),
+            n_out=torch.zeros((), dtype=self.dtype, device=dev),
+            gram=torch.zeros(d, d, dtype=self.dtype, device=dev) if explicit else None,
+            explicit=explicit,
+        )
+
+    def choose_explicit(self, rows: int, diagonal_only: bool, distributed: bool) -> bool:
+        """Whether this step keeps the explicit second moment (else the inputs themselves)."""
+        if diagonal_only:
+            return False
+        if self.backend == "explicit" or not self.supports_matrix_free:
+            return self.supports_explicit
+        if self.backend == "matrix_free" or not self.supports_explicit:
+            return False
+        if distributed:
+            return True  # one all-reduce of d x d instead of one per conjugate-gradient product
+        return self.explicit_is_cheaper(rows)
+
+    def explicit_is_cheaper(self, rows: int) -> bool:
+        """Flop estimate: ``rows d^2 + (k+1) out d^2`` against ``(k+1) 2 rows d out``."""
+        d = self.num_features
+        out = self.weight.numel() // max(d, 1)
+        k1 = self.cg_iters_hint + 1
+        return rows * d * d + k1 * out * d * d <= 2 * k1 * rows * d * out
+
+    def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        """Add one forward's input to this step's capture (called from a backward hook)."""
+        raise NotImplementedError
+
+    def _captured(self) -> Capture:
+        if self.capture is None:
+            raise RuntimeError(f"SLNB: no input was captured for {self.name!r} this step")
+        return self.capture
+
+    # -- maths ------------------------------------------------------------------------------
+    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
+        """Apply the diagonal incomplete-Cholesky inverse of the metric."""
+        raise NotImplementedError
+
+    def metric(self, v: Vec) -> Vec:
+        """``J^T J v / N`` on this step's inputs, without the ridge."""
+        raise NotImplementedError
+
+
+class LinearNeuron(Neuron):
+    """``nn.Linear``: ``y = x W^T + b``, weight ``(out, in)``, features on the last axis."""
+
+    kind = "linear"
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[1]
+
+    def _rows(self, t: Tensor) -> Tensor:
+        """Canonical ``(out, in)`` view of a weight-shaped tensor."""
+        return t
+
+    def _native(self, t: Tensor) -> Tensor:
+        return t
+
+    def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        cap = self.capture
+        if cap is None:
+            cap = self.capture = self._new_capture(
+                self.choose_explicit(x.shape[0], diagonal_only, distributed)
+            )
+        xs = x.to(self.dtype)
+        cap.sum_x += xs.sum(0)
+        cap.count += xs.shape[0]
+        cap.n_out += xs.shape[0]
+        if cap.gram is not None:
+            cap.gram.addmm_(xs.T, xs)  # its diagonal is sum_x2: see Capture.square_sums
+        else:
+            cap.sum_x2 += (xs * xs).sum(0)
+            if not diagonal_only:
+                cap.inputs.append(x)
+
+    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
+        w = self._rows(v[0])
+        if len(v) == 1:
+            return (self._native(w / denom),)
+        b = v[1]
+        w2 = (w - b[:, None] * mu) / denom
+        return (self._native(w2), b - w2 @ mu)
+
+    def metric(self, v: Vec) -> Vec:
+        cap = self._captured()
+        w = self._rows(v[0])
+        b = v[1] if len(v) == 2 else None
+        n = cap.n_out
+        if cap.gram is not None:
+            aw = w @ cap.gram
+            if b is None:
+                return (self._native(aw / n),)
+            aw = aw + b[:, None] * cap.sum_x
+            return (self._native(aw / n), (w @ cap.sum_x + n * b) / n)
+        aw = torch.zeros_like(w)
+        ab = None if b is None else torch.zeros_like(b)
+        for x in cap.inputs:
+            xs = x.to(self.dtype)
+            y = xs @ w.T
+            if b is not None:
+                y = y + b
+                ab = ab + y.sum(0)  # type: ignore[operator]
+            aw = aw + y.T @ xs
+        if b is None:
+            return (self._native(aw / n),)
+        return (self._native(aw / n), ab / n)  # type: ignore[operator]
+
+
+class Conv1DNeuron(LinearNeuron):
+    """Hugging Face ``Conv1D`` (GPT-2 family): ``y = x W + b`` with weight stored ``(in, out)``."""
+
+    kind = "conv1d_hf"
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[0]
+
+    def _rows(self, t: Tensor) -> Tensor:
+        return t.T
+
+    def _native(self, t: Tensor) -> Tensor:
+        return t.T
+
+
+class EmbeddingNeuron(Neuron):
+    """``nn.Embedding``: a linear map of a one-hot input, weight ``(vocab, dim)``.
+
+    The input's second moment is the diagonal of token frequencies, so the metric is diagonal
+    and exact at the cost of a ``bincount``: ``A(V)[i] = counts[i] / N * V[i]``.
+    """
+
+    kind = "embedding"
+    supports_matrix_free = False
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[0]
+
+    def choose_explicit(self, rows: int, diagonal_only: bool, distributed: bool) -> bool:
+        return False  # the counts are the whole metric: no gram, no inputs
+
+    def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        cap = self.capture
+        if cap is None:
+            cap = self.capture = self._new_capture(False)
+        idx = x.reshape(-1)
+        counts = torch.bincount(idx, minlength=self.num_features).to(self.dtype)
+        cap.sum_x += counts
+        cap.sum_x2 += counts
+        cap.count += idx.numel()
+        cap.n_out += idx.numel()
+
+    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
+        return (v[0] / denom[:, None],)
+
+    def metric(self, v: Vec) -> Vec:
+        cap = self._captured()
+        return (v[0] * (cap.sum_x / cap.n_out)[:, None],)
+
+
+class ConvNeuron(Neuron):
+    """``nn.Conv1d/2d/3d`` with any stride, padding, dilation, padding mode and groups.
+
+    Features are input channels; the preconditioner broadcasts each channel's statistics over
+    the kernel's taps. The metric is matrix-free: the layer run with the vector as its weights,
+    then its weight gradient (``N`` = batch x output positions).
+    """
+
+    kind = "conv"
+    supports_explicit = False
+
+    @property
+    def num_features(self) -> int:
+        return self.module.in_channels  # type: ignore[return-value]
+
+    def _grouped(self, t: Tensor) -> Tensor:
+        g = self.module.groups  # type: ignore[attr-defined]
+        return t.reshape(g, t.shape[0] // g, t.shape[1], -1)
+
+    def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        spatial = self.weight.dim() - 2
+        if x.dim() == spatial + 1:  # unbatched input
+            x = x.unsqueeze(0)
+        cap = self.capture
+        if cap is None:
+            cap = self.capture = self._new_capture(False)
+        xs = x.to(self.dtype)
+        dims = [0] + list(range(2, xs.dim()))
+        cap.sum_x += xs.sum(dims)
+        cap.sum_x2 += (xs * xs).sum(dims)
+        cap.count += xs.numel() // xs.shape[1]
+        cap.n_out += out_positions
+        if not diagonal_only:
+            cap.inputs.append(x)
+
+    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
+        g = self.module.groups  # type: ignore[attr-defined]
+        w = self._grouped(v[0])
+        mu4 = mu.reshape(g, 1, -1, 1)
+        den4 = denom.reshape(g, 1, -1, 1)
+        if len(v) == 1:
+            return ((w / den4).reshape(v[0].shape),)
+        b4 = v[1].reshape(g, -1, 1, 1)
+        w2 = (w - mu4 * b4) / den4
+        b2 = v[1] - (w2 * mu4).sum((2, 3)).reshape(-1)
+        return (w2.reshape(v[0].shape), b2)
+
+    def metric(self, v: Vec) -> Vec:
+        cap = self._captured()
+        conv = self.module._conv_forward  # type: ignore[operator]
+        out = [torch.zeros_like(t) for t in v]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in v]
+            b = leaves[1] if len(leaves) == 2 else None
+            for x in cap.inputs:
+                y = conv(x.to(self.dtype), leaves[0], b)
+                for acc, gr in zip(out, torch.autograd.grad(y, leaves, grad_outputs=y.detach())):
+                    acc += gr
+        return tuple(t / cap.n_out for t in out)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D``, recognised without importing it."""
+    cls = type(module)
+    return any(
+        c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in cls.__mro__
+    )
+
+
+def neuron_for(
+    name: str, module: nn.Module, embeddings: bool, backend: str
+) -> Neuron | None:
+    """The helper for a module, or ``None`` when SLNB gives it the identity metric."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    bias = getattr(module, "bias", None)
+    bias = bias if isinstance(bias, Tensor) else None
+    if isinstance(module, nn.Linear):
+        return LinearNeuron(name, module, weight, bias, backend)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        return ConvNeuron(name, module, weight, bias, backend)
+    if _is_hf_conv1d(module) and weight.dim() == 2:
+        return Conv1DNeuron(name, module, weight, bias, backend)
+    if embeddings and isinstance(module, nn.Embedding):
+        return EmbeddingNeuron(name, module, weight, None, backend)
+    return None
+
+
+def out_positions(output: Tensor, neuron: Neuron) -> int:
+    """Number of output positions of one forward (samples of the metric)."""
+    if isinstance(neuron, ConvNeuron):
+        spatial = neuron.weight.dim() - 2
+        if output.dim() == spatial + 1:
+            return math.prod(output.shape[1:])
+        return output.shape[0] * math.prod(output.shape[2:])
+    return output.numel() // max(output.shape[-1], 1)
+
+
+__all__ = [
+    "BACKENDS",
+    "Capture",
+    "Conv1DNeuron",
+    "ConvNeuron",
+    "EmbeddingNeuron",
+    "LinearNeuron",
+    "Neuron",
+    "neuron_for",
+    "out_positions",
+    "stat_dtype",
+]

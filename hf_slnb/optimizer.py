@@ -1,0 +1,456 @@
+"""The SLNB optimizer: gradient descent with every linear layer's inputs whitened in the metric."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from . import distributed
+from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
+from .layers import BACKENDS, Neuron, neuron_for, out_positions, stat_dtype
+
+PAPER_URL = "https://arxiv.org/abs/2502.01131"
+
+# Hyperparameters that may differ between parameter groups, with their checks.
+_GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
+               "ridge", "cg_iters")
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter of a parameter group."""
+
+    def real(key: str) -> float:
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"Invalid {key}={value!r}{where}: must be a real number.")
+        if not math.isfinite(value):
+            raise ValueError(f"Invalid {key}={value!r}{where}: must be finite.")
+        return float(value)
+
+    for key, low, high, closed in (
+        ("momentum", 0.0, 1.0, False),
+        ("mean_decay", 0.0, 1.0, False),
+        ("sq_mean_decay", 0.0, 1.0, False),
+        ("shrinkage", 0.0, 1.0, False),
+    ):
+        v = real(key)
+        if not (low <= v < high):
+            raise ValueError(f"Invalid {key}={v!r}{where}: must be in [{low}, {high}).")
+    for key in ("lr", "weight_decay", "ridge"):
+        if real(key) < 0.0:
+            raise ValueError(f"Invalid {key}={group[key]!r}{where}: must be >= 0.")
+    iters = group["cg_iters"]
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"Invalid cg_iters={iters!r}{where}: must be an integer >= 0.")
+
+
+class SLNB(Optimizer):
+    r"""Simple Linear Neuron Boosting (D. Munoz, arXiv 2502.01131), online variant.
+
+    For every layer linear in its parameters (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging Face
+    ``Conv1D``, ``nn.Embedding``) the gradient is preconditioned by the inverse second moment of
+    the layer's input features, solved by a few warm-started preconditioned conjugate-gradient
+    (PCG) iterations; every other parameter uses the identity metric. The whole update has unit
+    length under that metric, so ``lr`` is a trust-region radius:
+
+    .. math::
+        \begin{aligned}
+            &m_t \leftarrow \beta_g m_{t-1} + (1-\beta_g)\nabla_t, \qquad
+              g_t = m_t / (1-\beta_g^t) \\
+            &h_t \approx \big(J^\top J / N + \gamma I_W\big)^{-1} g_t
+              \quad\text{(PCG, preconditioner from EMAs of } x, x^2\text{)} \\
+            &n_t = \sqrt{\max(\nu_{min}^2, \textstyle\sum_p \langle h_t, g_t\rangle)} \\
+            &\theta_t \leftarrow \theta_{t-1} - \eta\,(h_t / n_t + \lambda\,\theta_{t-1})
+        \end{aligned}
+
+    The exact definition is ``ALGORITHM.md``; conventions where it leaves room are in the
+    README ("How SLNB is defined here").
+
+    Args:
+        params: Parameters or parameter groups, as for any ``torch.optim`` optimizer. Groups
+            may override ``lr``, ``weight_decay``, ``momentum``, ``mean_decay``,
+            ``sq_mean_decay``, ``shrinkage``, ``ridge`` and ``cg_iters`` (a neuron uses its
+            weight's group).
+        model: The module whose layers are hooked to capture their inputs. It must own every
+            parameter in ``params``.
+        lr: Trust-region radius of the step, ``>= 0``. Default ``0.1``.
+        momentum: Decay ``beta_g`` of the gradient's moving average, in ``[0, 1)``. Default 0.9.
+        mean_decay: Decay of the feature-mean EMA, in ``[0, 1)``. Default 0.9.
+        sq_mean_decay: Decay of the feature-mean-square EMA, in ``[0, 1)``. Default 0.999.
+        shrinkage: Share ``s`` of the mean variance mixed into each feature's variance in the
+            preconditioner, in ``[0, 1)``. Default 0.1.
+        ridge: ``gamma``, added to the metric on weights (never biases), ``>= 0``. Default 0.1.
+        cg_iters: PCG iterations per neuron and step, integer ``>= 0`` (0 keeps the warm
+            start). Default 2.
+        min_norm: Floor of the step's metric norm ``n``, ``> 0``. Default ``1e-2``.
+        weight_decay: Decoupled weight decay ``lambda``, ``>= 0``. Default ``1e-4``.
+        diagonal_only: Skip PCG and use ``h = P g`` (cheaper, approximate). Default False.
+        precondition_embeddings: Give ``nn.Embedding`` its exact one-hot metric (a diagonal of
+            token frequencies). Default True.
+        skip_modules: Regular expressions; a module whose qualified name matches one
+            (``re.search``) gets the identity metric. Default none.
+        metric_backend: ``"auto"`` (per layer and step, by estimated flops), ``"explicit"``
+            (accumulate ``sum x x^T`` in the hook) or ``"matrix_free"`` (keep the inputs and
+            apply ``J^T J`` in each PCG iteration). Both are exact. Default ``"auto"``.
+        cg_tol: PCG stops before an iteration once ``|r| <= cg_tol |g|``, ``>= 0``.
+            Default ``1e-5``.
+        process_group: ``torch.distributed`` group over which statistics are summed in data
+            parallel training (default: the world, when initialised).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        model: nn.Module,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        mean_decay: float = 0.9,
+        sq_mean_decay: float = 0.999,
+        shrinkage: float = 0.1,
+        ridge: float = 0.1,
+        cg_iters: int = 2,
+        min_norm: float = 1e-2,
+        weight_decay: float = 1e-4,
+        diagonal_only: bool = False,
+        precondition_embeddings: bool = True,
+        skip_modules: Sequence[str] = (),
+        metric_backend: str = "auto",
+        cg_tol: float = 1e-5,
+        process_group: object | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, mean_decay=mean_decay,
+            sq_mean_decay=sq_mean_decay, shrinkage=shrinkage, ridge=ridge, cg_iters=cg_iters,
+        )
+        _check_group(defaults, "")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model={model!r}: must be the torch.nn.Module being trained.")
+        if isinstance(min_norm, bool) or not isinstance(min_norm, (int, float)) or not (
+            min_norm > 0 and math.isfinite(min_norm)
+        ):
+            raise ValueError(f"Invalid min_norm={min_norm!r}: must be a finite number > 0.")
+        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not cg_tol >= 0:
+            raise ValueError(f"Invalid cg_tol={cg_tol!r}: must be a number >= 0.")
+        if metric_backend not in BACKENDS:
+            raise ValueError(f"Invalid metric_backend={metric_backend!r}: must be one of {BACKENDS}.")
+        if isinstance(skip_modules, str):
+            skip_modules = (skip_modules,)
+        patterns = []
+        for pattern in skip_modules:
+            try:
+                patterns.append(re.compile(pattern))
+            except (re.error, TypeError) as err:
+                raise ValueError(
+                    f"Invalid skip_modules entry {pattern!r}: must be a regular expression ({err})."
+                ) from None
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            _check_group(group, f" in parameter group {i}")
+
+        self.model = model
+        self.min_norm = float(min_norm)
+        self.cg_tol = float(cg_tol)
+        self.diagonal_only = bool(diagonal_only)
+        self.precondition_embeddings = bool(precondition_embeddings)
+        self.skip_modules = tuple(p.pattern for p in patterns)
+        self.metric_backend = metric_backend
+        self.process_group = process_group
+        self.skipped_steps = 0
+        self._last: dict[str, Tensor | float] = {}
+        self._names = self._parameter_names(model)
+        self.neurons: list[Neuron] = self._find_neurons(model, patterns)
+        self._handles = [
+            n.module.register_forward_hook(self._make_hook(n), with_kwargs=True)
+            for n in self.neurons
+        ]
+
+    # -- construction -----------------------------------------------------------------------
+    def _parameter_names(self, model: nn.Module) -> dict[int, str]:
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"Invalid params: a parameter of shape {tuple(p.shape)} in group {i} is "
+                        f"not owned by model={type(model).__name__}; SLNB can only precondition "
+                        "parameters of the model it hooks."
+                    )
+        return names
+
+    def _find_neurons(self, model: nn.Module, patterns: list[re.Pattern[str]]) -> list[Neuron]:
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        by_weight: dict[int, list[Neuron]] = {}
+        for name, module in model.named_modules():
+            if any(p.search(name) for p in patterns):
+                continue
+            neuron = neuron_for(name, module, self.precondition_embeddings, self.metric_backend)
+            if neuron is None or id(neuron.weight) not in mine:
+                continue
+            if neuron.bias is not None and id(neuron.bias) not in mine:
+                neuron.bias = None  # a frozen bias: the neuron is bias-free
+            by_weight.setdefault(id(neuron.weight), []).append(neuron)
+        chosen = []
+        for owners in by_weight.values():
+            # A tied weight (GPT-2's wte / lm_head) takes the metric of its non-embedding owner.
+            owners.sort(key=lambda n: n.kind == "embedding")
+            chosen.append(owners[0])
+        return chosen
+
+    def _make_hook(self, neuron: Neuron) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            if not (isinstance(output, Tensor) and output.requires_grad):
+                return
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            if not isinstance(x, Tensor):
+                return
+            x = x.detach()
+            n_out = out_positions(output, neuron)
+
+            def on_grad(grad: Tensor) -> None:
+                # Committed only when a gradient flows back: no_grad/eval passes and the
+                # forward of a checkpointed segment that is recomputed count exactly once.
+                neuron.record(x, n_out, self.diagonal_only,
+                              distributed.world_size(self.process_group) > 1)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Detach SLNB from the model (the optimizer then falls back to the identity metric)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.clear_captures()
+
+    def clear_captures(self) -> None:
+        """Drop the inputs captured since the last step."""
+        for n in self.neurons:
+            n.capture = None
+
+    # -- checkpoint -------------------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in _GROUP_KEYS:
+                group.setdefault(key, self.defaults.get(key))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as ``torch.optim`` does, but keep statistics in float32 for low-precision weights."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for p, i in zip(params, saved_ids):
+            saved = state_dict["state"].get(i)
+            if not saved or p not in self.state:
+                continue
+            for key, value in saved.items():
+                if not (isinstance(value, Tensor) and value.is_floating_point()):
+                    continue
+                if key in ("step", "stat_step"):  # host-side counters
+                    self.state[p][key] = value.detach().to("cpu", torch.float32).clone()
+                else:
+                    self.state[p][key] = value.to(device=p.device, dtype=stat_dtype(p.dtype))
+
+    # -- diagnostics ------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, float]:
+        """Quantities of the last step worth logging (synchronises only when called).
+
+        ``slnb/step_norm``: the metric norm ``n`` of the step before the ``min_norm`` floor;
+        ``slnb/cg_rel_residual``: the largest relative PCG residual over neurons;
+        ``slnb/preconditioned_fraction``: share of updated elements that were preconditioned;
+        ``slnb/skipped_steps``: steps skipped for non-finite values so far.
+        """
+        out = {k: float(v) for k, v in self._last.items()}
+        out["slnb/skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    # -- the step ---------------------------------------------------------------------------
+    def _reduce_captures(self, world: int) -> None:
+        """Sum every neuron's capture over the data-parallel ranks (one collective per dtype)."""
+        if world == 1:
+            return
+        tensors: list[Tensor] = []
+        for n in self.neurons:
+            if n.capture is None:
+                n.capture = n._new_capture(n.choose_explicit(0, self.diagonal_only, True))
+            tensors.extend(n.capture.tensors())
+        distributed.all_reduce_sum(tensors, self.process_group)
+
+    def _nonfinite(self, params: list[Tensor]) -> list[str]:
+        """Names of parameters with a non-finite gradient and modules with a non-finite input."""
+        grads = [p.grad for p in params]
+        checks: list[Tensor] = [t.to(torch.float64) for t in torch._foreach_norm(grads)] if grads else []
+        caps = [n for n in self.neurons if n.capture is not None]
+        checks += [(n.capture.sum_x.sum() + n.capture.square_sums().sum()).to(torch.float64)
+                   for n in caps]  # type: ignore[union-attr]
+        if not checks:
+            return []
+        flags = torch.isfinite(torch.stack(checks))
+        if bool(flags.all()):
+            return []
+        bad = [self._names.get(id(p), "?") for p, ok in zip(params, flags) if not ok]
+        bad += [f"inputs of {n.name}" for n, ok in zip(caps, flags[len(params):]) if not ok]
+        return bad
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Take one SLNB step with the gradients and inputs accumulated since the last one."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world = distributed.world_size(self.process_group)
+        group_of: dict[int, dict[str, Any]] = {}
+        params: list[Tensor] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("SLNB does not support sparse gradients "
+                                           f"(parameter {self._names.get(id(p), '?')!r}).")
+                    group_of[id(p)] = group
+                    params.append(p)
+        self._reduce_captures(world)
+        bad = self._nonfinite(params)
+        if bad:
+            warnings.warn(f"SLNB skipped a step: non-finite values in {', '.join(bad)}; "
+                          "parameters and optimizer state are unchanged.", RuntimeWarning,
+                          stacklevel=2)
+            self.skipped_steps += 1
+            self.clear_captures()
+            return loss
+        if not params:
+            self.clear_captures()
+            return loss
+
+        g_hat = self._momentum(params, group_of)
+        h: dict[int, Tensor] = {}
+        rels: list[Tensor] = []
+        for neuron in self.neurons:
+            rel = self._precondition(neuron, g_hat, group_of, h)
+            if rel is not None:
+                rels.append(rel)
+        hs = [h.get(id(p), g_hat[id(p)]) for p in params]  # identity metric for the rest
+        gs = [g_hat[id(p)] for p in params]
+        inner = torch.stack([dot((a,), (b,)).to(torch.float64) for a, b in zip(hs, gs)]).sum()
+        n = torch.sqrt(torch.clamp(inner, min=self.min_norm**2))
+        self._apply(params, hs, group_of, n)
+
+        numel = sum(p.numel() for p in params)
+        self._last = {
+            "slnb/step_norm": torch.sqrt(torch.clamp(inner, min=0.0)),
+            "slnb/cg_rel_residual": torch.stack(rels).max() if rels else 0.0,
+            "slnb/preconditioned_fraction": sum(
+                p.numel() for p in params if id(p) in h) / max(numel, 1),
+        }
+        self.clear_captures()
+        return loss
+
+    def _momentum(self, params: list[Tensor], group_of: dict[int, dict[str, Any]]) -> dict[int, Tensor]:
+        """Update each momentum buffer and return the bias-corrected momentum ``g``."""
+        out: dict[int, Tensor] = {}
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p.dtype),
+                                                            memory_format=torch.preserve_format)
+            state["step"] += 1
+            beta = group_of[id(p)]["momentum"]
+            m = state["momentum_buffer"]
+            grad = p.grad.to(m.dtype)  # type: ignore[union-attr]
+            if beta == 0.0:
+                m.copy_(grad)
+            else:
+                m.lerp_(grad, 1.0 - beta)
+            out[id(p)] = m / (1.0 - beta ** int(state["step"].item()))
+        return out
+
+    def _precondition(
+        self,
+        neuron: Neuron,
+        g_hat: dict[int, Tensor],
+        group_of: dict[int, dict[str, Any]],
+        h: dict[int, Tensor],
+    ) -> Tensor | None:
+        """Solve one neuron's metric system; leaves ``h`` untouched for an identity fallback."""
+        w, b = neuron.weight, neuron.bias
+        cap = neuron.capture
+        if id(w) not in g_hat or cap is None or not bool(cap.count > 0):
+            return None
+        with_bias = b is not None and id(b) in g_hat
+        group = group_of[id(w)]
+        state = self.state[w]
+        if "mu" not in state:
+            d = neuron.num_features
+            state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=w.device)
+            state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=w.device)
+            state["stat_step"] = torch.zeros((), dtype=torch.float32)
+        state["stat_step"] += 1
+        t = int(state["stat_step"].item())
+        state["mu"].lerp_(cap.sum_x / cap.count, 1.0 - group["mean_decay"])
+        state["nu"].lerp_(cap.square_sums() / cap.count, 1.0 - group["sq_mean_decay"])
+        mu, denom = preconditioner_terms(
+            bias_corrected(state["mu"], group["mean_decay"], t),
+            bias_corrected(state["nu"], group["sq_mean_decay"], t),
+            group["shrinkage"],
+            with_bias,
+        )
+        g: Vec = (g_hat[id(w)], g_hat[id(b)]) if with_bias else (g_hat[id(w)],)  # type: ignore[arg-type]
+
+        def precond(v: Vec) -> Vec:
+            return neuron.precondition(v, mu, denom)
+
+        if self.diagonal_only:
+            sol, rel = precond(g), None
+        else:
+            ridge = group["ridge"]
+            world = distributed.world_size(self.process_group)
+
+            def matvec(v: Vec) -> Vec:
+                out = neuron.metric(v)
+                if world > 1 and cap.gram is None:  # matrix-free: sum the products over ranks
+                    distributed.all_reduce_sum(out, self.process_group)
+                return (out[0] + ridge * v[0],) + tuple(out[1:])
+
+            owners = (w, b) if with_bias else (w,)
+            if "solution" in state:
+                x0: Vec | None = tuple(
+                    self.state[p].get("solution", torch.zeros_like(g_hat[id(p)]))
+                    for p in owners  # type: ignore[union-attr]
+                )
+            else:
+                x0 = None
+            sol, rel = conjugate_gradient(matvec, g, x0, precond, group["cg_iters"], self.cg_tol)
+            for p, s in zip(owners, sol):
+                self.state[p]["solution"] = s  # type: ignore[index]
+        h[id(w)] = sol[0]
+        if with_bias:
+            h[id(b)] = sol[1]
+        return rel
+
+    def _apply(self, params: list[Tensor], hs: list[Tensor], group_of: dict[int, dict[str, Any]],
+               n: Tensor) -> None:
+        """``p <- p - lr (h / n + wd p)`` with each parameter's group lr and weight decay."""
+        for group in self.param_groups:
+            members = [(p, hh) for p, hh in zip(params, hs) if group_of[id(p)] is group]
+            if not members:
+                continue
+            ps = [p for p, _ in members]
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0.0:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+            scale = -lr / n
+            for p, hh in members:
+                p.add_((hh * scale).to(p.dtype))

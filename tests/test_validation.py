@@ -1,0 +1,81 @@
+"""Bad input gets a ValueError naming the value and the allowed range, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_slnb import SLNB
+
+BAD = [
+    ({"lr": -0.1}, r"Invalid lr=-0\.1.*>= 0"),
+    ({"lr": float("nan")}, r"Invalid lr=nan.*finite"),
+    ({"lr": "0.1"}, r"Invalid lr='0\.1'.*real number"),
+    ({"weight_decay": -1e-4}, r"Invalid weight_decay=-0\.0001.*>= 0"),
+    ({"momentum": 1.0}, r"Invalid momentum=1\.0.*\[0\.0, 1\.0\)"),
+    ({"momentum": -0.5}, r"Invalid momentum=-0\.5.*\[0\.0, 1\.0\)"),
+    ({"mean_decay": 1.5}, r"Invalid mean_decay=1\.5.*\[0\.0, 1\.0\)"),
+    ({"sq_mean_decay": 1.0}, r"Invalid sq_mean_decay=1\.0.*\[0\.0, 1\.0\)"),
+    ({"shrinkage": 1.0}, r"Invalid shrinkage=1\.0.*\[0\.0, 1\.0\)"),
+    ({"shrinkage": -0.1}, r"Invalid shrinkage=-0\.1.*\[0\.0, 1\.0\)"),
+    ({"ridge": -1.0}, r"Invalid ridge=-1\.0.*>= 0"),
+    ({"cg_iters": -1}, r"Invalid cg_iters=-1.*integer >= 0"),
+    ({"cg_iters": 2.5}, r"Invalid cg_iters=2\.5.*integer >= 0"),
+    ({"cg_iters": True}, r"Invalid cg_iters=True.*integer >= 0"),
+    ({"min_norm": 0.0}, r"Invalid min_norm=0\.0.*> 0"),
+    ({"min_norm": -1.0}, r"Invalid min_norm=-1\.0.*> 0"),
+    ({"cg_tol": -1.0}, r"Invalid cg_tol=-1\.0.*>= 0"),
+    ({"metric_backend": "dense"}, r"Invalid metric_backend='dense'.*one of"),
+    ({"skip_modules": ["("]}, r"Invalid skip_modules entry '\('"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD, ids=[str(k) for k, _ in BAD])
+def test_bad_hyperparameter(kwargs: dict, message: str) -> None:
+    m = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        SLNB(m.parameters(), model=m, **kwargs)
+
+
+GROUP_BAD = [
+    ({"lr": -1.0}, r"Invalid lr=-1\.0 in parameter group 1: must be >= 0"),
+    ({"shrinkage": 2.0}, r"Invalid shrinkage=2\.0 in parameter group 1"),
+    ({"cg_iters": -3}, r"Invalid cg_iters=-3 in parameter group 1"),
+    ({"ridge": -0.5}, r"Invalid ridge=-0\.5 in parameter group 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", GROUP_BAD, ids=[str(k) for k, _ in GROUP_BAD])
+def test_bad_hyperparameter_in_any_group(override: dict, message: str) -> None:
+    m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    groups = [{"params": m[0].parameters()}, {"params": m[1].parameters(), **override}]
+    with pytest.raises(ValueError, match=message):
+        SLNB(groups, model=m)
+
+
+def test_model_must_own_the_parameters() -> None:
+    m, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"not owned by model=Linear"):
+        SLNB(other.parameters(), model=m)
+
+
+def test_model_must_be_a_module() -> None:
+    m = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"Invalid model=None"):
+        SLNB(m.parameters(), model=None)  # type: ignore[arg-type]
+
+
+def test_no_parameters_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        SLNB([], model=nn.Linear(2, 2))
+
+
+def test_remove_hooks_detaches() -> None:
+    m = nn.Linear(3, 2)
+    opt = SLNB(m.parameters(), model=m)
+    opt.remove_hooks()
+    m(torch.randn(4, 3)).sum().backward()
+    assert opt.neurons[0].capture is None
+    opt.step()  # identity metric: a normalised gradient step
+    assert "mu" not in opt.state[m.weight]
