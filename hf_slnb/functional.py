@@ -15,16 +15,14 @@ Vec = tuple[Tensor, ...]
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Inner product of two tuples of tensors, as one scalar tensor."""
-    total = torch.zeros((), dtype=a[0].dtype, device=a[0].device)
-    for x, y in zip(a, b):
-        total = total + torch.sum(x * y)
-    return total
+    """Inner product of two tuples of tensors, as one scalar tensor (no temporaries)."""
+    terms = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 def axpy(alpha: Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vec:
-    """``y + alpha * x`` for tuples of tensors."""
-    return tuple(yi + alpha * xi for xi, yi in zip(x, y))
+    """``y + alpha * x`` for tuples of tensors (``alpha`` a 0-d tensor), in one pass each."""
+    return tuple(torch.addcmul(yi, alpha, xi) for xi, yi in zip(x, y))
 
 
 def shrink(d: Tensor, shrinkage: float) -> Tensor:
@@ -89,32 +87,32 @@ def conjugate_gradient(
     """
     bb = dot(b, b)
     if x0 is None:
-        x: Vec = tuple(torch.zeros_like(t) for t in b)
-        r: Vec = tuple(t.clone() for t in b)
+        x = [torch.zeros_like(t) for t in b]
+        r = [t.clone() for t in b]
     else:
-        x = tuple(x0)
-        r = axpy(torch.tensor(-1.0, dtype=bb.dtype, device=bb.device), matvec(x), b)
+        x = [t.clone() for t in x0]
+        r = [bi - ai for bi, ai in zip(b, matvec(tuple(x)))]
     rr = dot(r, r)
     threshold = (tol * tol) * bb
     active = rr > threshold
     on_cpu = bb.device.type == "cpu"
     if iters > 0 and not (on_cpu and not bool(active)):
-        z = precond(r)
-        p = z
-        rz = dot(r, z)
+        p = list(precond(tuple(r)))
+        rz = dot(r, p)
         for i in range(iters):
-            ap = matvec(p)
+            ap = matvec(tuple(p))
             alpha = torch.where(active, rz / dot(p, ap), torch.zeros_like(rz))
-            x = axpy(alpha, p, x)
-            r = axpy(-alpha, ap, r)
+            for xi, ri, pi, api in zip(x, r, p, ap):
+                xi.addcmul_(alpha, pi)
+                ri.addcmul_(alpha, api, value=-1.0)
             rr = dot(r, r)
             active = active & (rr > threshold)
             if i == iters - 1 or (on_cpu and not bool(active)):
                 break
-            z = precond(r)
+            z = precond(tuple(r))
             rz_new = dot(r, z)
             beta = torch.where(active, rz_new / rz, torch.zeros_like(rz))
-            p = axpy(beta, p, z)
+            p = [torch.addcmul(zi, beta, pi) for zi, pi in zip(z, p)]
             rz = rz_new
     rel = torch.sqrt(rr / torch.clamp(bb, min=torch.finfo(bb.dtype).tiny))
-    return x, rel
+    return tuple(x), rel

@@ -11,6 +11,7 @@ Adding a layer type means writing one subclass and adding it to :func:`neuron_fo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,8 @@ class Neuron:
         self.dtype = stat_dtype(weight.dtype)
         self.capture: Capture | None = None
         self.cg_iters_hint = 2
+        self.ridge = 0.0
+        self.reduce_fn: Callable[[list[Tensor]], None] | None = None
 
     # -- statistics -------------------------------------------------------------------------
     @property
@@ -133,30 +136,33 @@ class Neuron:
         return self.capture
 
     # -- maths ------------------------------------------------------------------------------
-    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
+    def prepare(self, ridge: float) -> None:
+        """Called once per step, after the captures are complete (and all-reduced)."""
+        self.ridge = ridge
+
+    def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
         """Apply the diagonal incomplete-Cholesky inverse of the metric."""
         raise NotImplementedError
 
     def metric(self, v: Vec) -> Vec:
-        """``J^T J v / N`` on this step's inputs, without the ridge."""
+        """``(J^T J / N + ridge I_W) v`` on this step's inputs."""
         raise NotImplementedError
+
+    def _reduce(self, out: list[Tensor]) -> None:
+        """Sum matrix-free products over data-parallel ranks (set by the optimizer)."""
+        if self.reduce_fn is not None:
+            self.reduce_fn(out)
 
 
 class LinearNeuron(Neuron):
     """``nn.Linear``: ``y = x W^T + b``, weight ``(out, in)``, features on the last axis."""
 
     kind = "linear"
+    features_last = True  # weight (out, in)
 
     @property
     def num_features(self) -> int:
-        return self.weight.shape[1]
-
-    def _rows(self, t: Tensor) -> Tensor:
-        """Canonical ``(out, in)`` view of a weight-shaped tensor."""
-        return t
-
-    def _native(self, t: Tensor) -> Tensor:
-        return t
+        return self.weight.shape[1 if self.features_last else 0]
 
     def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
         x = x.reshape(-1, x.shape[-1])
@@ -176,53 +182,63 @@ class LinearNeuron(Neuron):
             if not diagonal_only:
                 cap.inputs.append(x)
 
-    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
-        w = self._rows(v[0])
+    def prepare(self, ridge: float) -> None:
+        super().prepare(ridge)
+        cap = self._captured()
+        self._sn = cap.sum_x / cap.n_out
+        if cap.gram is not None:
+            # (X^T X / N + ridge I): one product per metric-vector multiplication
+            self._gr = cap.gram / cap.n_out
+            self._gr.diagonal().add_(ridge)
+
+    def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
+        w = v[0]
+        last = self.features_last
         if len(v) == 1:
-            return (self._native(w / denom),)
+            return (w * (inv_denom if last else inv_denom[:, None]),)
         b = v[1]
-        w2 = (w - b[:, None] * mu) / denom
-        return (self._native(w2), b - w2 @ mu)
+        if last:  # (out, in): w' = (w - b mu^T) / var, b' = b - w' mu
+            w2 = torch.addr(w, b, mu, alpha=-1.0).mul_(inv_denom)
+            return (w2, torch.addmv(b, w2, mu, alpha=-1.0))
+        w2 = torch.addr(w, mu, b, alpha=-1.0).mul_(inv_denom[:, None])
+        return (w2, torch.addmv(b, w2.T, mu, alpha=-1.0))
 
     def metric(self, v: Vec) -> Vec:
         cap = self._captured()
-        w = self._rows(v[0])
+        w = v[0]
         b = v[1] if len(v) == 2 else None
-        n = cap.n_out
+        last = self.features_last
         if cap.gram is not None:
-            aw = w @ cap.gram
+            aw = w @ self._gr if last else self._gr @ w
             if b is None:
-                return (self._native(aw / n),)
-            aw = aw + b[:, None] * cap.sum_x
-            return (self._native(aw / n), (w @ cap.sum_x + n * b) / n)
-        aw = torch.zeros_like(w)
+                return (aw,)
+            if last:
+                return (aw.addr_(b, self._sn), torch.addmv(b, w, self._sn))
+            return (aw.addr_(self._sn, b), torch.addmv(b, w.T, self._sn))
+        wr = w if last else w.T  # (out, in) view
+        aw = torch.zeros_like(wr)
         ab = None if b is None else torch.zeros_like(b)
         for x in cap.inputs:
-            xs = x.to(self.dtype)
-            y = xs @ w.T
+            xs = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            y = xs @ wr.T
             if b is not None:
-                y = y + b
-                ab = ab + y.sum(0)  # type: ignore[operator]
-            aw = aw + y.T @ xs
-        if b is None:
-            return (self._native(aw / n),)
-        return (self._native(aw / n), ab / n)  # type: ignore[operator]
+                y += b
+                ab += y.sum(0)  # type: ignore[operator]
+            aw.addmm_(y.T, xs)
+        out = [aw] if ab is None else [aw, ab]
+        self._reduce(out)
+        out = [t / cap.n_out for t in out]
+        out[0] = out[0].add_(wr, alpha=self.ridge)
+        if not last:
+            out[0] = out[0].T
+        return tuple(out)
 
 
 class Conv1DNeuron(LinearNeuron):
     """Hugging Face ``Conv1D`` (GPT-2 family): ``y = x W + b`` with weight stored ``(in, out)``."""
 
     kind = "conv1d_hf"
-
-    @property
-    def num_features(self) -> int:
-        return self.weight.shape[0]
-
-    def _rows(self, t: Tensor) -> Tensor:
-        return t.T
-
-    def _native(self, t: Tensor) -> Tensor:
-        return t.T
+    features_last = False  # weight (in, out)
 
 
 class EmbeddingNeuron(Neuron):
@@ -253,12 +269,16 @@ class EmbeddingNeuron(Neuron):
         cap.count += idx.numel()
         cap.n_out += idx.numel()
 
-    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
-        return (v[0] / denom[:, None],)
+    def prepare(self, ridge: float) -> None:
+        super().prepare(ridge)
+        cap = self._captured()
+        self._diag = (cap.sum_x / cap.n_out + ridge)[:, None]
+
+    def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
+        return (v[0] * inv_denom[:, None],)
 
     def metric(self, v: Vec) -> Vec:
-        cap = self._captured()
-        return (v[0] * (cap.sum_x / cap.n_out)[:, None],)
+        return (v[0] * self._diag,)
 
 
 class ConvNeuron(Neuron):
@@ -296,15 +316,15 @@ class ConvNeuron(Neuron):
         if not diagonal_only:
             cap.inputs.append(x)
 
-    def precondition(self, v: Vec, mu: Tensor, denom: Tensor) -> Vec:
+    def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
         g = self.module.groups  # type: ignore[attr-defined]
         w = self._grouped(v[0])
         mu4 = mu.reshape(g, 1, -1, 1)
-        den4 = denom.reshape(g, 1, -1, 1)
+        inv4 = inv_denom.reshape(g, 1, -1, 1)
         if len(v) == 1:
-            return ((w / den4).reshape(v[0].shape),)
+            return ((w * inv4).reshape(v[0].shape),)
         b4 = v[1].reshape(g, -1, 1, 1)
-        w2 = (w - mu4 * b4) / den4
+        w2 = (w - mu4 * b4) * inv4
         b2 = v[1] - (w2 * mu4).sum((2, 3)).reshape(-1)
         return (w2.reshape(v[0].shape), b2)
 
@@ -319,7 +339,10 @@ class ConvNeuron(Neuron):
                 y = conv(x.to(self.dtype), leaves[0], b)
                 for acc, gr in zip(out, torch.autograd.grad(y, leaves, grad_outputs=y.detach())):
                     acc += gr
-        return tuple(t / cap.n_out for t in out)
+        self._reduce(out)
+        out = [t / cap.n_out for t in out]
+        out[0].add_(v[0], alpha=self.ridge)
+        return tuple(out)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

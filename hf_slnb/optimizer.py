@@ -322,6 +322,12 @@ class SLNB(Optimizer):
                     group_of[id(p)] = group
                     params.append(p)
         self._reduce_captures(world)
+        reduce_fn = None
+        if world > 1:
+            def reduce_fn(ts: list[Tensor]) -> None:
+                distributed.all_reduce_sum(ts, self.process_group)
+        for n in self.neurons:
+            n.reduce_fn = reduce_fn
         bad = self._nonfinite(params)
         if bad:
             warnings.warn(f"SLNB skipped a step: non-finite values in {', '.join(bad)}; "
@@ -409,21 +415,15 @@ class SLNB(Optimizer):
         )
         g: Vec = (g_hat[id(w)], g_hat[id(b)]) if with_bias else (g_hat[id(w)],)  # type: ignore[arg-type]
 
+        inv_denom = torch.reciprocal(denom)
+
         def precond(v: Vec) -> Vec:
-            return neuron.precondition(v, mu, denom)
+            return neuron.precondition(v, mu, inv_denom)
 
         if self.diagonal_only:
             sol, rel = precond(g), None
         else:
-            ridge = group["ridge"]
-            world = distributed.world_size(self.process_group)
-
-            def matvec(v: Vec) -> Vec:
-                out = neuron.metric(v)
-                if world > 1 and cap.gram is None:  # matrix-free: sum the products over ranks
-                    distributed.all_reduce_sum(out, self.process_group)
-                return (out[0] + ridge * v[0],) + tuple(out[1:])
-
+            neuron.prepare(group["ridge"])
             owners = (w, b) if with_bias else (w,)
             if "solution" in state:
                 x0: Vec | None = tuple(
@@ -432,7 +432,7 @@ class SLNB(Optimizer):
                 )
             else:
                 x0 = None
-            sol, rel = conjugate_gradient(matvec, g, x0, precond, group["cg_iters"], self.cg_tol)
+            sol, rel = conjugate_gradient(neuron.metric, g, x0, precond, group["cg_iters"], self.cg_tol)
             for p, s in zip(owners, sol):
                 self.state[p]["solution"] = s  # type: ignore[index]
         h[id(w)] = sol[0]
@@ -453,4 +453,4 @@ class SLNB(Optimizer):
                 torch._foreach_mul_(ps, 1.0 - lr * wd)
             scale = -lr / n
             for p, hh in members:
-                p.add_((hh * scale).to(p.dtype))
+                p.addcmul_(hh, scale)

@@ -1,0 +1,581 @@
+"""SLNB in the Hugging Face Trainer: ``--optim slnb``, typed options, diagnostics, model card.
+
+Installing the package is enough: a ``.pth`` hook (``_hf_slnb_autoregister``) calls
+:func:`patch_module` on ``transformers.training_args``, ``transformers.trainer_optimizer`` and
+``transformers.trainer`` right after each loads, so unmodified scripts accept ``--optim slnb``.
+:func:`register` does the same explicitly (for ``HF_SLNB_AUTOREGISTER=0`` or an environment
+where the ``.pth`` hook is not installed).
+
+What registration changes, and nothing more:
+
+* ``OptimizerNames`` gains ``SLNB = "slnb"`` (so argparse ``choices``, ``TrainingArguments``
+  validation and unpickling ``training_args.bin`` accept it);
+* ``TrainingArguments.__post_init__`` is wrapped: with ``optim="slnb"`` it fails fast on setups
+  SLNB does not support, validates the SLNB options and, when ``learning_rate`` was left at the
+  class default (5e-5 for Adam), uses SLNB's own default lr instead;
+* the Trainer's optimizer handler table gains ``"slnb"``: the Trainer's parameter groups (no
+  weight decay on biases and norms) are passed to :class:`~hf_slnb.SLNB` bound to the model;
+* ``Trainer.log`` adds :meth:`SLNB.diagnostics` to training logs (only on logging steps),
+  ``Trainer.__init__`` re-checks the accelerator's setup and makes the model card name SLNB.
+
+This module imports transformers; the core package does not import it until it is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import logging
+import math
+import os
+import re
+import typing
+import warnings
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from transformers.training_args import OptimizerNames, TrainingArguments
+
+from .layers import BACKENDS
+from .optimizer import PAPER_URL, SLNB
+
+logger = logging.getLogger(__name__)
+
+#: The value of ``--optim`` that selects SLNB.
+OPTIM_NAME = "slnb"
+#: transformers versions this glue is tested with (it patches private Trainer tables).
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.25"
+#: Environment variable that switches the ``.pth`` auto-registration off ("0").
+AUTOREGISTER_ENV = "HF_SLNB_AUTOREGISTER"
+
+_WRAPPED = "__hf_slnb_original__"  # marks our wrappers, so registering twice is a no-op
+_CARD_BEGIN = "<!-- hf_slnb:begin -->"
+_CARD_END = "<!-- hf_slnb:end -->"
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+
+
+def _slnb_default(name: str) -> Any:
+    """The default of one :class:`SLNB` constructor argument (the single source of truth)."""
+    return inspect.signature(SLNB).parameters[name].default
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed options
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SLNBTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with ``optim="slnb"`` by default and one field per SLNB option.
+
+    The learning rate and weight decay are the Trainer's own ``--learning_rate`` and
+    ``--weight_decay``. When ``--learning_rate`` is left at its default, SLNB's default lr is
+    used (see the README). A key given in ``--optim_args`` overrides the ``slnb_*`` field of the
+    same name (a warning says so when the field was changed too).
+    """
+
+    optim: OptimizerNames | str = field(
+        default=OPTIM_NAME,
+        metadata={"help": "The optimizer to use; 'slnb' (the default here) for SLNB. See "
+                  "`OptimizerNames` for the complete list."},
+    )
+    slnb_momentum: float = field(
+        default=0.9,
+        metadata={"help": "SLNB: decay beta_g of the gradient's moving average, in [0, 1). "
+                  "Default 0.9."},
+    )
+    slnb_mean_decay: float = field(
+        default=0.9,
+        metadata={"help": "SLNB: decay of the moving average of each layer's input-feature "
+                  "means, in [0, 1). Default 0.9."},
+    )
+    slnb_sq_mean_decay: float = field(
+        default=0.999,
+        metadata={"help": "SLNB: decay of the moving average of the input features' mean "
+                  "squares, in [0, 1). Default 0.999."},
+    )
+    slnb_shrinkage: float = field(
+        default=0.1,
+        metadata={"help": "SLNB: share s of the mean variance mixed into each feature's "
+                  "variance in the diagonal preconditioner, in [0, 1). Default 0.1."},
+    )
+    slnb_ridge: float = field(
+        default=0.1,
+        metadata={"help": "SLNB: ridge gamma added to the metric on weights (never biases); "
+                  "larger is closer to plain momentum SGD. >= 0. Default 0.1."},
+    )
+    slnb_cg_iters: int = field(
+        default=2,
+        metadata={"help": "SLNB: conjugate-gradient iterations per layer and step, integer "
+                  ">= 0 (0 keeps the previous step's solution). Default 2."},
+    )
+    slnb_min_norm: float = field(
+        default=1e-2,
+        metadata={"help": "SLNB: floor of the step's metric norm n (the update is "
+                  "lr * h / max(n, min_norm)), > 0. Default 0.01."},
+    )
+    slnb_diagonal_only: bool = field(
+        default=False,
+        metadata={"help": "SLNB: skip conjugate gradient and use the diagonal preconditioner "
+                  "alone (cheaper, approximate). Default False."},
+    )
+    slnb_precondition_embeddings: bool = field(
+        default=True,
+        metadata={"help": "SLNB: give nn.Embedding its exact metric (token frequencies); "
+                  "otherwise embeddings use the identity metric. Default True."},
+    )
+    slnb_skip_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "SLNB: regular expressions (re.search on the qualified module name, "
+                  "e.g. 'lm_head'); matching layers use the identity metric. Default none."},
+    )
+    slnb_metric_backend: str = field(
+        default="auto",
+        metadata={"help": "SLNB: how the metric is applied: 'explicit' (accumulate x x^T), "
+                  "'matrix_free' (keep the inputs) or 'auto' (cheaper of the two per layer). "
+                  "All exact. Default 'auto'.", "choices": list(BACKENDS)},
+    )
+    slnb_cg_tol: float = field(
+        default=1e-5,
+        metadata={"help": "SLNB: conjugate gradient stops early once |residual| <= cg_tol * "
+                  "|gradient|, >= 0. Default 1e-5."},
+    )
+
+    def __post_init__(self) -> None:
+        register()
+        super().__post_init__()
+
+
+@functools.cache
+def _option_types() -> dict[str, Any]:
+    """SLNB option name -> annotated type, from the ``slnb_*`` fields."""
+    hints = typing.get_type_hints(SLNBTrainingArguments)
+    return {f.name[len("slnb_"):]: hints[f.name] for f in dataclasses.fields(SLNBTrainingArguments)
+            if f.name.startswith("slnb_")}
+
+
+def _convert(key: str, raw: str, kind: Any) -> Any:
+    """Convert one ``--optim_args`` value to the option's type, or raise ``ValueError``."""
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        if kind == list[str]:
+            if not text:
+                raise ValueError
+            return [text]
+        return text
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a finite number",
+                    list[str]: "a regular expression"}.get(kind, "a string")
+        raise ValueError(
+            f"Invalid --optim_args value {key}={raw!r} for --optim slnb: must be {expected}."
+        ) from None
+
+
+def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
+    """Parse ``--optim_args "key=value,..."`` into typed SLNB options.
+
+    Keys are the SLNB option names without the ``slnb_`` prefix (``momentum``, ``mean_decay``,
+    ``sq_mean_decay``, ``shrinkage``, ``ridge``, ``cg_iters``, ``min_norm``, ``diagonal_only``,
+    ``precondition_embeddings``, ``skip_modules``, ``metric_backend``, ``cg_tol``). Booleans are
+    ``true``/``false``; ``skip_modules`` is one regular expression (use ``|`` for several).
+    Values cannot contain ``,`` or ``=`` (transformers splits the string on them).
+
+    Args:
+        optim_args: The ``TrainingArguments.optim_args`` string, or ``None``.
+
+    Returns:
+        Option name -> value of the option's type.
+
+    Raises:
+        ValueError: On a malformed item, a repeated, unknown or Trainer-level key (``lr``,
+            ``weight_decay``), or a value that does not convert.
+    """
+    if optim_args is None or not optim_args.strip():
+        return {}
+    types = _option_types()
+    out: dict[str, Any] = {}
+    for item in optim_args.split(","):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "=" in raw:
+            raise ValueError(
+                f"Invalid --optim_args item {item!r} in {optim_args!r}: expected comma-separated "
+                "key=value pairs, e.g. 'cg_iters=4,ridge=0.05'."
+            )
+        if key in ("lr", "learning_rate", "weight_decay"):
+            flag = "--weight_decay" if key == "weight_decay" else "--learning_rate"
+            raise ValueError(
+                f"Invalid --optim_args key {key!r} for --optim slnb: set it with {flag}, which "
+                "the Trainer's schedule and parameter groups use."
+            )
+        if key not in types:
+            raise ValueError(
+                f"Invalid --optim_args key {key!r} for --optim slnb: must be one of "
+                f"{', '.join(sorted(types))}."
+            )
+        if key in out:
+            raise ValueError(f"Invalid --optim_args {optim_args!r}: key {key!r} is given twice.")
+        out[key] = _convert(key, raw, types[key])
+    return out
+
+
+def slnb_optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
+    """The :class:`SLNB` keyword arguments (besides ``lr``/``weight_decay``) that ``args`` asks for.
+
+    Options come from the ``slnb_*`` fields of :class:`SLNBTrainingArguments` and from
+    ``--optim_args``; a key in ``--optim_args`` wins. Options given nowhere are left out, so
+    they take the :class:`SLNB` defaults.
+
+    Args:
+        args: Any ``TrainingArguments`` (subclass) instance.
+
+    Returns:
+        Keyword arguments for :class:`SLNB`.
+
+    Raises:
+        ValueError: For a bad ``--optim_args`` string.
+    """
+    kwargs: dict[str, Any] = {}
+    if isinstance(args, SLNBTrainingArguments):
+        kwargs = {name: getattr(args, f"slnb_{name}") for name in _option_types()}
+    for key, value in parse_optim_args(args.optim_args).items():
+        if key in kwargs and kwargs[key] != value and kwargs[key] != _slnb_default_value(key):
+            warnings.warn(
+                f"--optim_args {key}={value!r} overrides --slnb_{key}={kwargs[key]!r}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        kwargs[key] = value
+    if "skip_modules" in kwargs:
+        kwargs["skip_modules"] = tuple(kwargs["skip_modules"])
+    return kwargs
+
+
+def _slnb_default_value(name: str) -> Any:
+    default = _slnb_default(name)
+    return list(default) if name == "skip_modules" else default
+
+
+def _validate(args: TrainingArguments) -> None:
+    """Raise the :class:`SLNB` constructor's own ``ValueError`` for a bad option, before training."""
+    kwargs = slnb_optimizer_kwargs(args)
+    probe = torch.nn.Linear(1, 1)
+    try:
+        optimizer = SLNB(probe.parameters(), model=probe, lr=args.learning_rate,
+                         weight_decay=args.weight_decay, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"--optim slnb: {err}") from None
+    optimizer.remove_hooks()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and defaults applied to TrainingArguments
+# ---------------------------------------------------------------------------------------------
+def _is_slnb(optim: Any) -> bool:
+    return str(getattr(optim, "value", optim)) == OPTIM_NAME
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def _unsupported(what: str, why: str) -> ValueError:
+    return ValueError(
+        f"--optim slnb does not support {what} yet ({why}). Train with plain data parallel "
+        "instead (torchrun / accelerate launch without a DeepSpeed or FSDP configuration), or "
+        "choose another --optim."
+    )
+
+
+def _check_setup(args: TrainingArguments) -> None:
+    """Fail fast, before any model is built, on setups SLNB does not support."""
+    if args.deepspeed or _env_true("ACCELERATE_USE_DEEPSPEED"):
+        raise _unsupported("DeepSpeed", "ZeRO partitions the parameters and gradients whose "
+                           "layers SLNB hooks, and DeepSpeed owns the optimizer step")
+    if args.fsdp or _env_true("ACCELERATE_USE_FSDP"):
+        raise _unsupported("FSDP", "its sharded parameters do not match the whole layers "
+                           "SLNB preconditions")
+    if args.torch_compile or args.torch_compile_backend or args.torch_compile_mode:
+        raise ValueError(
+            "--optim slnb does not support --torch_compile yet: SLNB captures each layer's "
+            "inputs with forward hooks and tensor hooks that the compiled graph does not run "
+            "as eager code does. Drop --torch_compile (and --torch_compile_backend/_mode)."
+        )
+
+
+def _resolve_learning_rate(args: TrainingArguments) -> None:
+    """Replace a learning rate left at the class default (an Adam step) by SLNB's default lr."""
+    fields = getattr(type(args), "__dataclass_fields__", {})
+    spec = fields.get("learning_rate")
+    if spec is None or args.learning_rate != spec.default:
+        return
+    lr = _slnb_default("lr")
+    args.learning_rate = lr
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        logger.warning(
+            "--optim slnb: --learning_rate was not given (it is at the default %g, an Adam step "
+            "size), so SLNB uses its default lr=%g. SLNB's lr is a trust-region radius: the "
+            "length of each update in the metric; pass --learning_rate to choose another.",
+            spec.default, lr,
+        )
+
+
+def _post_init(self: TrainingArguments) -> None:
+    """``TrainingArguments.__post_init__`` with the SLNB checks and defaults in front."""
+    if _is_slnb(self.optim):
+        _check_setup(self)
+        _resolve_learning_rate(self)
+        _validate(self)
+    getattr(_post_init, _WRAPPED)(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer's optimizer handler
+# ---------------------------------------------------------------------------------------------
+def _bind_model(model: torch.nn.Module) -> type[SLNB]:
+    """An :class:`SLNB` subclass whose constructor takes ``params, **kwargs`` (model bound).
+
+    The Trainer calls ``optimizer_cls(param_groups, **kwargs)`` and treats a ``model`` key in
+    ``kwargs`` as LOMO's, so the model travels in the class instead.
+    """
+
+    class TrainerSLNB(SLNB):
+        __doc__ = SLNB.__doc__
+
+        def __init__(self, params: Any, **kwargs: Any) -> None:
+            super().__init__(params, model=model, **kwargs)
+
+    return TrainerSLNB
+
+
+def _slnb_handler(ctx: Any) -> tuple[type[SLNB], dict[str, Any]]:
+    """Handler for ``_OPTIMIZER_HANDLERS["slnb"]``: the optimizer class and its kwargs."""
+    args, model = ctx.args, ctx.model
+    if model is None:
+        raise ValueError("--optim slnb needs the model: SLNB hooks its layers. Build the "
+                         "optimizer through Trainer.create_optimizer().")
+    _check_setup(args)
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - old torch
+        DTensor = ()  # noqa: N806
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise _unsupported("sharded (DTensor) parameters", "tensor or fully sharded "
+                           "parallelism splits the layers SLNB preconditions")
+    ctx.optimizer_kwargs.update(slnb_optimizer_kwargs(args), weight_decay=args.weight_decay)
+    return _bind_model(model), ctx.optimizer_kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer: fail-fast, diagnostics, model card
+# ---------------------------------------------------------------------------------------------
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer (accelerate's ``AcceleratedOptimizer`` wraps the real one)."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, SLNB) and seen < 8:
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer, seen = inner, seen + 1
+    return optimizer
+
+
+def _trainer_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    getattr(_trainer_init, _WRAPPED)(self, *args, **kwargs)
+    if not _is_slnb(getattr(self.args, "optim", None)):
+        return
+    if getattr(self, "is_deepspeed_enabled", False):
+        raise _unsupported("DeepSpeed", "the accelerator is configured for DeepSpeed")
+    if getattr(self, "is_fsdp_enabled", False):
+        raise _unsupported("FSDP", "the accelerator is configured for FSDP")
+    if self.optimizer is not None and not isinstance(unwrap_optimizer(self.optimizer), SLNB):
+        return  # the user passed their own optimizer: --optim is not used
+    card = self.create_model_card  # the most derived one (TRL's does not call the base)
+
+    @functools.wraps(card)
+    def create_model_card(*args: Any, **kwargs: Any) -> Any:
+        out = card(*args, **kwargs)
+        add_to_model_card(self)
+        return out
+
+    self.create_model_card = create_model_card
+
+
+def _trainer_log(self: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+    if "loss" in logs:  # a training logging step (not eval, not the end-of-training summary)
+        optimizer = unwrap_optimizer(getattr(self, "optimizer", None))
+        if isinstance(optimizer, SLNB):
+            logs.update(optimizer.diagnostics())
+    return getattr(_trainer_log, _WRAPPED)(self, logs, *args, **kwargs)
+
+
+def card_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
+    """Every SLNB hyperparameter the Trainer uses with ``args`` (given or default)."""
+    values: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    for name in _option_types():
+        values[name] = _slnb_default(name)
+    values.update(slnb_optimizer_kwargs(args))
+    values["skip_modules"] = list(values["skip_modules"])
+    return values
+
+
+def _optimizer_line(args: TrainingArguments) -> str:
+    params = ", ".join(f"{k}={v!r}" for k, v in card_hyperparameters(args).items())
+    return f"SLNB (Simple Linear Neuron Boosting, {PAPER_URL}) with {params}"
+
+
+def model_card_section(args: TrainingArguments) -> str:
+    """The markdown section that names SLNB and its hyperparameters in a model card."""
+    from . import __version__
+
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in card_hyperparameters(args).items())
+    return (
+        f"{_CARD_BEGIN}\n"
+        "## Optimizer\n\n"
+        "Trained with **SLNB** (Simple Linear Neuron Boosting; D. Munoz, "
+        f"[arXiv:2502.01131]({PAPER_URL})), `--optim slnb` from `hf_slnb` {__version__}: "
+        "gradient descent in which every linear layer's inputs are whitened in the metric "
+        "(preconditioned conjugate gradient). `lr` is a trust-region radius; weight decay is "
+        "not applied to biases and normalisation weights.\n\n"
+        "| hyperparameter | value |\n|---|---|\n"
+        f"{rows}\n"
+        f"{_CARD_END}\n"
+    )
+
+
+def add_to_model_card(trainer: Any) -> None:
+    """Add (or refresh) the SLNB section of the ``README.md`` in ``trainer.args.output_dir``."""
+    if not trainer.is_world_process_zero():
+        return
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(re.escape(_CARD_BEGIN) + r".*?" + re.escape(_CARD_END) + r"\n?", "", text,
+                  flags=re.S).rstrip("\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{text}\n\n{model_card_section(trainer.args)}")
+
+
+def _extract_hyperparameters(trainer: Any) -> dict[str, Any]:
+    hyperparameters = getattr(_extract_hyperparameters, _WRAPPED)(trainer)
+    if _is_slnb(getattr(trainer.args, "optim", None)) and "optimizer" in hyperparameters:
+        hyperparameters["optimizer"] = _optimizer_line(trainer.args)
+    return hyperparameters
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise ``RuntimeError`` unless transformers is in :data:`SUPPORTED_TRANSFORMERS`."""
+    if version is None:  # looked up now: transformers swaps its sys.modules entry while loading
+        version = str(importlib.import_module("transformers").__version__)
+    if not SpecifierSet(SUPPORTED_TRANSFORMERS).contains(Version(version), prereleases=True):
+        raise RuntimeError(
+            f"hf_slnb supports transformers {SUPPORTED_TRANSFORMERS}, but transformers {version} "
+            f"is installed; install a supported version (pip install 'transformers"
+            f"{SUPPORTED_TRANSFORMERS}') or use SLNB directly as a torch optimizer."
+        )
+
+
+def _extend_enum(enum_cls: Any, name: str, value: str) -> Any:
+    """Add ``name = value`` to a ``(str, Enum)`` class in place (idempotent)."""
+    existing = enum_cls._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    if name in enum_cls.__dict__:
+        raise RuntimeError(f"{enum_cls.__name__}.{name} already exists with another value")
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    member._sort_order_ = len(enum_cls._member_names_)
+    type.__setattr__(enum_cls, name, member)  # EnumType.__setattr__ forbids this on purpose
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    return member
+
+
+def _wrap(owner: Any, attr: str, wrapper: Any) -> None:
+    """Install ``wrapper`` as ``owner.attr`` once; the wrapper finds the original on itself."""
+    current = getattr(owner, attr)
+    if getattr(current, _WRAPPED, None) is not None:
+        return
+    functools.update_wrapper(wrapper, current, updated=())
+    setattr(wrapper, _WRAPPED, current)
+    setattr(owner, attr, wrapper)
+
+
+def _patch_training_args(module: ModuleType) -> None:
+    _extend_enum(module.OptimizerNames, "SLNB", OPTIM_NAME)
+    _wrap(module.TrainingArguments, "__post_init__", _post_init)
+
+
+def _patch_trainer_optimizer(module: ModuleType) -> None:
+    module._OPTIMIZER_HANDLERS.setdefault(OptimizerNames(OPTIM_NAME), _slnb_handler)
+
+
+def _patch_trainer(module: ModuleType) -> None:
+    _wrap(module.Trainer, "__init__", _trainer_init)
+    _wrap(module.Trainer, "log", _trainer_log)
+    from transformers import modelcard
+
+    _wrap(modelcard, "extract_hyperparameters_from_trainer", _extract_hyperparameters)
+
+
+_PATCHES = {
+    "transformers.training_args": _patch_training_args,
+    "transformers.trainer_optimizer": _patch_trainer_optimizer,
+    "transformers.trainer": _patch_trainer,
+}
+
+
+def patch_module(module: ModuleType) -> None:
+    """Patch one freshly imported transformers module (called by the ``.pth`` import hook).
+
+    Raises:
+        RuntimeError: If the installed transformers is outside :data:`SUPPORTED_TRANSFORMERS`.
+    """
+    check_transformers_version()
+    _PATCHES[module.__name__](module)
+
+
+def register() -> None:
+    """Make ``--optim slnb`` available to every ``TrainingArguments`` and Trainer (idempotent).
+
+    Needed only where the ``.pth`` auto-registration is off (``HF_SLNB_AUTOREGISTER=0``) or not
+    installed; calling it again does nothing.
+
+    Raises:
+        RuntimeError: If the installed transformers is outside :data:`SUPPORTED_TRANSFORMERS`.
+    """
+    check_transformers_version()
+    for name, patch in _PATCHES.items():
+        patch(importlib.import_module(name))
+
+
+# Defining SLNBTrainingArguments (above) needs no registration, but parsing it does: argparse
+# takes --optim's choices from OptimizerNames when the parser is built.
+check_transformers_version()
+_patch_training_args(__import__("transformers.training_args", fromlist=["_"]))
