@@ -1,0 +1,64 @@
+"""Worker for tests/test_distributed.py: SLNB under torch DDP (gloo, CPU).
+
+Run as ``torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT BACKEND MICRO`` (data parallel) or
+``python tests/_ddp_worker.py OUT BACKEND MICRO`` (one process on the global batch).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hf_slnb import SLNB
+
+STEPS, GLOBAL_BATCH = 5, 16
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.emb = nn.Embedding(11, 4)
+        self.lin = nn.Linear(4 * 6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 2, bias=False)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)) + self.emb(idx)[:, :, None]
+        return self.out(self.norm(torch.tanh(self.lin(h.flatten(1)))))
+
+
+def main(out: str, backend: str, micro: int) -> None:
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.manual_seed(0)
+    model = Net()
+    opt = SLNB(model.parameters(), model=model, metric_backend=backend, lr=0.3)
+    wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(GLOBAL_BATCH, 3, 6, generator=g)
+        idx = torch.randint(0, 11, (GLOBAL_BATCH,), generator=g)
+        y = torch.randn(GLOBAL_BATCH, 2, generator=g)
+        local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        xs, ids, ys = x[local].chunk(micro), idx[local].chunk(micro), y[local].chunk(micro)
+        for i, (xc, ic, yc) in enumerate(zip(xs, ids, ys)):
+            ctx = wrapped.no_sync() if distributed and i < micro - 1 else torch.enable_grad()
+            with ctx:
+                (((wrapped(xc, ic) - yc) ** 2).mean() / micro).backward()
+        opt.step()
+        model.zero_grad()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.save({"params": flat, "state": opt.state_dict()}, f"{out}.rank{rank}.pt")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

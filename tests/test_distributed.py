@@ -1,0 +1,40 @@
+"""Data parallel on CPU/gloo: replicas stay identical and equal the single-process global step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+
+
+def _run(cmd: list[str], tmp: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend,micro", [("auto", 1), ("auto", 2), ("matrix_free", 1)])
+def test_two_processes_equal_one_process_on_the_global_batch(
+    tmp_path: Path, backend: str, micro: int
+) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(29500 + os.getpid() % 1000 + micro)]
+    _run(torchrun + [str(WORKER), str(tmp_path / "ddp"), backend, str(micro)], tmp_path)
+    _run([sys.executable, str(WORKER), str(tmp_path / "single"), backend, str(micro)], tmp_path)
+    r0 = torch.load(tmp_path / "ddp.rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp.rank1.pt", weights_only=True)
+    single = torch.load(tmp_path / "single.rank0.pt", weights_only=True)
+    assert torch.equal(r0["params"], r1["params"])  # bit-identical replicas
+    for k, s in r0["state"]["state"].items():
+        for key, v in s.items():
+            assert torch.equal(v, r1["state"]["state"][k][key]), (k, key)
+    rel = (r0["params"] - single["params"]).norm() / single["params"].norm()
+    assert rel < 1e-5, float(rel)
+    moved = (r0["params"] - single["params"]).norm()
+    assert moved < 1e-4 * single["params"].norm()
