@@ -19,6 +19,7 @@ from .layers import BACKENDS, Neuron, neuron_for, out_positions, stat_dtype
 PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
 # Hyperparameters that may differ between parameter groups, with their checks.
+RIDGE_MODES = ("absolute", "relative")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
                "ridge", "cg_iters")
 
@@ -101,6 +102,9 @@ class SLNB(Optimizer):
             apply ``J^T J`` in each PCG iteration). Both are exact. Default ``"auto"``.
         cg_tol: PCG stops before an iteration once ``|r| <= cg_tol |g|``, ``>= 0``.
             Default ``1e-5``.
+        ridge_mode: ``"absolute"`` (the paper: ``gamma = ridge``) or ``"relative"``
+            (``gamma = ridge * mean(nu)``, the layer's mean feature second moment, so that the
+            metric is invariant to a rescaling of a layer's inputs). Default ``"absolute"``.
         process_group: ``torch.distributed`` group over which statistics are summed in data
             parallel training (default: the world, when initialised).
     """
@@ -124,6 +128,7 @@ class SLNB(Optimizer):
         skip_modules: Sequence[str] = (),
         metric_backend: str = "auto",
         cg_tol: float = 1e-5,
+        ridge_mode: str = "absolute",
         process_group: object | None = None,
     ) -> None:
         defaults = dict(
@@ -139,6 +144,8 @@ class SLNB(Optimizer):
             raise ValueError(f"Invalid min_norm={min_norm!r}: must be a finite number > 0.")
         if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not cg_tol >= 0:
             raise ValueError(f"Invalid cg_tol={cg_tol!r}: must be a number >= 0.")
+        if ridge_mode not in RIDGE_MODES:
+            raise ValueError(f"Invalid ridge_mode={ridge_mode!r}: must be one of {RIDGE_MODES}.")
         if metric_backend not in BACKENDS:
             raise ValueError(f"Invalid metric_backend={metric_backend!r}: must be one of {BACKENDS}.")
         if isinstance(skip_modules, str):
@@ -154,6 +161,11 @@ class SLNB(Optimizer):
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
             _check_group(group, f" in parameter group {i}")
+            if group["cg_iters"] == 0 and not diagonal_only:
+                warnings.warn(
+                    f"SLNB with cg_iters=0 and diagonal_only=False keeps every neuron's warm start "
+                    f"(zero): neurons in parameter group {i} move only by weight decay. Use "
+                    "diagonal_only=True for h = P g.", UserWarning, stacklevel=2)
 
         self.model = model
         self.min_norm = float(min_norm)
@@ -162,6 +174,7 @@ class SLNB(Optimizer):
         self.precondition_embeddings = bool(precondition_embeddings)
         self.skip_modules = tuple(p.pattern for p in patterns)
         self.metric_backend = metric_backend
+        self.ridge_mode = ridge_mode
         self.process_group = process_group
         self.skipped_steps = 0
         self._last: dict[str, Tensor | float] = {}
@@ -266,7 +279,7 @@ class SLNB(Optimizer):
     def diagnostics(self) -> dict[str, float]:
         """Quantities of the last step worth logging (synchronises only when called).
 
-        ``slnb/step_norm``: the metric norm ``n`` of the step before the ``min_norm`` floor;
+        ``slnb/step_norm``: the metric norm ``n`` the update is divided by (``>= min_norm``);
         ``slnb/cg_rel_residual``: the largest relative PCG residual over neurons;
         ``slnb/preconditioned_fraction``: share of updated elements that were preconditioned;
         ``slnb/skipped_steps``: steps skipped for non-finite values so far.
@@ -355,7 +368,7 @@ class SLNB(Optimizer):
 
         numel = sum(p.numel() for p in params)
         self._last = {
-            "slnb/step_norm": torch.sqrt(torch.clamp(inner, min=0.0)),
+            "slnb/step_norm": n,
             "slnb/cg_rel_residual": torch.stack(rels).max() if rels else 0.0,
             "slnb/preconditioned_fraction": sum(
                 p.numel() for p in params if id(p) in h) / max(numel, 1),
@@ -407,9 +420,10 @@ class SLNB(Optimizer):
         t = int(state["stat_step"].item())
         state["mu"].lerp_(cap.sum_x / cap.count, 1.0 - group["mean_decay"])
         state["nu"].lerp_(cap.square_sums() / cap.count, 1.0 - group["sq_mean_decay"])
+        nu = bias_corrected(state["nu"], group["sq_mean_decay"], t)
         mu, denom = preconditioner_terms(
             bias_corrected(state["mu"], group["mean_decay"], t),
-            bias_corrected(state["nu"], group["sq_mean_decay"], t),
+            nu,
             group["shrinkage"],
             with_bias,
         )
@@ -423,7 +437,10 @@ class SLNB(Optimizer):
         if self.diagonal_only:
             sol, rel = precond(g), None
         else:
-            neuron.prepare(group["ridge"])
+            ridge = group["ridge"]
+            if self.ridge_mode == "relative":  # scale-free: relative to the mean feature energy
+                ridge = ridge * float(nu.mean())
+            neuron.prepare(ridge)
             owners = (w, b) if with_bias else (w,)
             if "solution" in state:
                 x0: Vec | None = tuple(

@@ -2,8 +2,8 @@
 
 Written only from ``/work/shared/ALGORITHM.md`` and ``docs/CONTRACT.md``, deliberately unlike a
 fast implementation: for every neuron the Jacobian ``J`` of the layer output with respect to the
-flattened parameter vector ``theta = [vec(W); b]`` is materialised as a dense matrix (with
-``torch.func.jacrev`` on ``torch.func.functional_call``), the metric is the explicit matrix
+flattened parameter vector ``theta = [vec(W); b]`` is materialised as a dense matrix (by running
+the layer, through ``torch.func.functional_call``, on every basis vector), the metric is the explicit matrix
 ``A = J^T J / N + ridge * D`` and the preconditioner is the explicit matrix
 ``P = L^{-T} D_var^{-1} L^{-1}`` (``L`` unit "Cholesky" factor of the diagonal approximation of the
 feature second moment). Conjugate gradient then runs on plain dense vectors.
@@ -20,16 +20,17 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, vmap
 
 try:  # HF GPT-2 style Conv1D (weight stored (in, out))
     from transformers.pytorch_utils import Conv1D as HFConv1D
-except Exception:  # pragma: no cover - transformers missing
+except ImportError:  # pragma: no cover - transformers missing
     HFConv1D = None  # type: ignore[assignment,misc]
 
 F64 = torch.float64
@@ -83,7 +84,7 @@ class ReferenceSLNB(torch.optim.Optimizer):
         skip_modules: Iterable[str] = (),
         cg_tol: float = 1e-5,
     ) -> None:
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.momentum = momentum
         self.mean_decay = mean_decay
         self.sq_mean_decay = sq_mean_decay
@@ -95,6 +96,7 @@ class ReferenceSLNB(torch.optim.Optimizer):
         self.cg_tol = cg_tol
         self.last: dict[str, dict[str, torch.Tensor]] = {}
         self.last_step_norm: float | None = None
+        self.last_preconditioned_fraction: float | None = None
         self.skipped_steps = 0
         self._suspended = False
 
@@ -123,7 +125,7 @@ class ReferenceSLNB(torch.optim.Optimizer):
             self._handles.append(mod.register_forward_hook(self._make_hook(neuron)))
 
     # ------------------------------------------------------------------ capture
-    def _make_hook(self, neuron: _Neuron):
+    def _make_hook(self, neuron: _Neuron) -> Callable[..., None]:
         """Forward hook: keep the input, commit it once gradient flows back through the output."""
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -200,26 +202,29 @@ class ReferenceSLNB(torch.optim.Optimizer):
         return feat.reshape(-1).clone(), row.reshape(-1).clone()
 
     def _jacobian(self, neuron: _Neuron, x: torch.Tensor, with_bias: bool) -> torch.Tensor:
-        """Dense Jacobian d vec(layer(x)) / d theta, theta = [vec(W); b] (b only if with_bias)."""
+        """Dense Jacobian d vec(layer(x)) / d theta, theta = [vec(W); b] (b only if with_bias).
+
+        The layer is linear in theta (an inactive bias is replaced by zeros, which does not change
+        the Jacobian with respect to W), so column k is the layer's output for theta = e_k: the
+        layer is run on every basis vector (vmapped).
+        """
         m = neuron.module
         nw = neuron.weight.numel()
-        theta = neuron.weight.detach().reshape(-1)
-        if with_bias:
-            theta = torch.cat([theta, neuron.bias.detach().reshape(-1)])
-        theta = theta.to(F64)
+        n = nw + (neuron.bias.numel() if with_bias else 0)
         xin = x if neuron.kind == "embedding" else x.to(F64)
+        has_bias = getattr(m, "bias", None) is not None
 
         def f(t: torch.Tensor) -> torch.Tensor:
             params = {"weight": t[:nw].reshape(neuron.weight.shape)}
             if with_bias:
                 params["bias"] = t[nw:]
-            elif getattr(m, "bias", None) is not None:
-                params["bias"] = m.bias.detach().to(F64)
+            elif has_bias:
+                params["bias"] = torch.zeros(m.bias.shape, dtype=F64)
             return functional_call(m, params, (xin,)).reshape(-1)
 
         self._suspended = True
         try:
-            return jacrev(f)(theta).detach()
+            return vmap(f)(torch.eye(n, dtype=F64)).T.contiguous()
         finally:
             self._suspended = False
 
@@ -241,11 +246,13 @@ class ReferenceSLNB(torch.optim.Optimizer):
 
         for p in params:
             if not torch.isfinite(p.grad).all():
-                return self._skip(f"non-finite gradient in parameter of shape {tuple(p.shape)}")
+                self._skip(f"non-finite gradient in parameter of shape {tuple(p.shape)}")
+                return loss
         for n in self.neurons:
             for x in n.inputs:
                 if x.is_floating_point() and not torch.isfinite(x).all():
-                    return self._skip(f"non-finite input captured in module {n.name}")
+                    self._skip(f"non-finite input captured in module {n.name}")
+                    return loss
 
         # 1. momentum with bias correction (per-parameter step count)
         g: dict[int, torch.Tensor] = {}
@@ -271,6 +278,13 @@ class ReferenceSLNB(torch.optim.Optimizer):
             if with_bias:
                 h[id(n.bias)] = hb
 
+        n_pre = sum(
+            n.weight.numel() + (n.bias.numel() if n.bias is not None and id(n.bias) in g else 0)
+            for n in self.neurons
+            if n.name in self.last
+        )
+        self.last_preconditioned_fraction = n_pre / max(sum(p.numel() for p in params), 1)
+
         # 4. global scalar
         total = sum(float((h[id(p)] * g[id(p)]).sum()) for p in params)
         n_glob = math.sqrt(max(self.min_norm**2, total))
@@ -285,11 +299,20 @@ class ReferenceSLNB(torch.optim.Optimizer):
         self._clear_inputs()
         return loss
 
-    def _skip(self, why: str):
+    def diagnostics(self) -> dict[str, float]:
+        """Same keys as ``hf_slnb.SLNB.diagnostics`` except ``slnb/cg_rel_residual``."""
+        nan = float("nan")
+        frac = self.last_preconditioned_fraction
+        return {
+            "slnb/step_norm": nan if self.last_step_norm is None else self.last_step_norm,
+            "slnb/preconditioned_fraction": nan if frac is None else frac,
+            "slnb/skipped_steps": float(self.skipped_steps),
+        }
+
+    def _skip(self, why: str) -> None:
         warnings.warn(f"SLNB reference: step skipped, {why}", RuntimeWarning, stacklevel=3)
         self.skipped_steps += 1
         self._clear_inputs()
-        return None
 
     def _neuron_direction(
         self, n: _Neuron, g: dict[int, torch.Tensor], with_bias: bool
@@ -328,7 +351,7 @@ class ReferenceSLNB(torch.optim.Optimizer):
         else:
             denom = torch.clamp(var[feat] + mu[feat] ** 2, min=floor)
             dinv = 1.0 / denom
-        P = Linv.T @ torch.diag(dinv) @ Linv
+        P = torch.sparse.mm(Linv.to_sparse().t().coalesce(), dinv[:, None] * Linv)
 
         # explicit metric A = J^T J / N + ridge * D
         J = torch.cat([self._jacobian(n, x, with_bias) for x in n.inputs], dim=0)
@@ -355,7 +378,9 @@ class ReferenceSLNB(torch.optim.Optimizer):
             if with_bias:
                 self.state[n.bias]["solution"] = hv[nw:].clone()
 
-        self.last[n.name] = dict(J=J, A=A, P=P, g=gv, h=hv, mu=mu, var=var, N=torch.tensor(N))
+        self.last[n.name] = {
+            "J": J, "A": A, "P": P, "g": gv, "h": hv, "mu": mu, "var": var, "N": torch.tensor(N)
+        }
         hw = hv[:nw].reshape(n.weight.shape)
         hb = hv[nw:].reshape(n.bias.shape) if with_bias else None
         return hw, hb
