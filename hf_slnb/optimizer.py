@@ -20,6 +20,7 @@ PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
 # Hyperparameters that may differ between parameter groups, with their checks.
 RIDGE_MODES = ("absolute", "relative")
+TRUST_REGIONS = ("global", "tensor")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
                "ridge", "cg_iters")
 
@@ -105,6 +106,13 @@ class SLNB(Optimizer):
         ridge_mode: ``"absolute"`` (the paper: ``gamma = ridge``) or ``"relative"``
             (``gamma = ridge * mean(nu)``, the layer's mean feature second moment, so that the
             metric is invariant to a rescaling of a layer's inputs). Default ``"absolute"``.
+        trust_region: ``"global"`` (the paper: one unit step under the metric for the whole
+            model, ``lr`` is its radius) or ``"tensor"`` (each parameter tensor is divided by
+            ``sqrt(EMA(<h, g> / numel))``, a per-tensor metric RMS as in Adam-mini, so ``lr`` is
+            an Adam-like per-element step). Default ``"global"``.
+        norm_decay: EMA decay of the per-tensor metric RMS (``trust_region="tensor"``), in
+            ``[0, 1)``. Default 0.999.
+        eps: Added to that RMS (``trust_region="tensor"``), ``> 0``. Default ``1e-8``.
         process_group: ``torch.distributed`` group over which statistics are summed in data
             parallel training (default: the world, when initialised).
     """
@@ -129,6 +137,9 @@ class SLNB(Optimizer):
         metric_backend: str = "auto",
         cg_tol: float = 1e-5,
         ridge_mode: str = "absolute",
+        trust_region: str = "global",
+        norm_decay: float = 0.999,
+        eps: float = 1e-8,
         process_group: object | None = None,
     ) -> None:
         defaults = dict(
@@ -144,6 +155,15 @@ class SLNB(Optimizer):
             raise ValueError(f"Invalid min_norm={min_norm!r}: must be a finite number > 0.")
         if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not cg_tol >= 0:
             raise ValueError(f"Invalid cg_tol={cg_tol!r}: must be a number >= 0.")
+        if trust_region not in TRUST_REGIONS:
+            raise ValueError(
+                f"Invalid trust_region={trust_region!r}: must be one of {TRUST_REGIONS}.")
+        if isinstance(norm_decay, bool) or not isinstance(norm_decay, (int, float)) or not (
+            0.0 <= norm_decay < 1.0
+        ):
+            raise ValueError(f"Invalid norm_decay={norm_decay!r}: must be in [0.0, 1.0).")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"Invalid eps={eps!r}: must be a number > 0.")
         if ridge_mode not in RIDGE_MODES:
             raise ValueError(f"Invalid ridge_mode={ridge_mode!r}: must be one of {RIDGE_MODES}.")
         if metric_backend not in BACKENDS:
@@ -175,6 +195,9 @@ class SLNB(Optimizer):
         self.skip_modules = tuple(p.pattern for p in patterns)
         self.metric_backend = metric_backend
         self.ridge_mode = ridge_mode
+        self.trust_region = trust_region
+        self.norm_decay = float(norm_decay)
+        self.eps = float(eps)
         self.process_group = process_group
         self.skipped_steps = 0
         self._last: dict[str, Tensor | float] = {}
@@ -362,9 +385,14 @@ class SLNB(Optimizer):
                 rels.append(rel)
         hs = [h.get(id(p), g_hat[id(p)]) for p in params]  # identity metric for the rest
         gs = [g_hat[id(p)] for p in params]
-        inner = torch.stack([dot((a,), (b,)).to(torch.float64) for a, b in zip(hs, gs)]).sum()
+        inners = [dot((a,), (b,)) for a, b in zip(hs, gs)]
+        inner = torch.stack([q.to(torch.float64) for q in inners]).sum()
         n = torch.sqrt(torch.clamp(inner, min=self.min_norm**2))
-        self._apply(params, hs, group_of, n)
+        if self.trust_region == "global":
+            scales = [(-group_of[id(p)]["lr"] / n) for p in params]
+        else:
+            scales = self._tensor_scales(params, inners, group_of)
+        self._apply(params, hs, group_of, scales)
 
         numel = sum(p.numel() for p in params)
         self._last = {
@@ -457,17 +485,31 @@ class SLNB(Optimizer):
             h[id(b)] = sol[1]
         return rel
 
+    def _tensor_scales(self, params: list[Tensor], inners: list[Tensor],
+                       group_of: dict[int, dict[str, Any]]) -> list[Tensor]:
+        """Per-tensor trust regions: ``-lr / (sqrt(EMA(<h, g> / numel)) + eps)``, Adam-mini style."""
+        scales = []
+        decay = self.norm_decay
+        for p, q in zip(params, inners):
+            state = self.state[p]
+            if "metric_sq" not in state:
+                state["metric_sq"] = torch.zeros((), dtype=q.dtype, device=q.device)
+            state["metric_sq"].lerp_(torch.clamp(q / p.numel(), min=0.0), 1.0 - decay)
+            t = int(state["step"].item())
+            rms = torch.sqrt(state["metric_sq"] / (1.0 - decay**t))
+            scales.append(-group_of[id(p)]["lr"] / (rms + self.eps))
+        return scales
+
     def _apply(self, params: list[Tensor], hs: list[Tensor], group_of: dict[int, dict[str, Any]],
-               n: Tensor) -> None:
-        """``p <- p - lr (h / n + wd p)`` with each parameter's group lr and weight decay."""
+               scales: list[Tensor]) -> None:
+        """``p <- p - lr (h / n + wd p)``: ``scales[i] = -lr / n`` for parameter ``i``."""
         for group in self.param_groups:
-            members = [(p, hh) for p, hh in zip(params, hs) if group_of[id(p)] is group]
+            members = [(p, hh, sc) for p, hh, sc in zip(params, hs, scales)
+                       if group_of[id(p)] is group]
             if not members:
                 continue
-            ps = [p for p, _ in members]
             lr, wd = group["lr"], group["weight_decay"]
             if wd != 0.0:
-                torch._foreach_mul_(ps, 1.0 - lr * wd)
-            scale = -lr / n
-            for p, hh in members:
-                p.addcmul_(hh, scale)
+                torch._foreach_mul_([m[0] for m in members], 1.0 - lr * wd)
+            for p, hh, sc in members:
+                p.addcmul_(hh, sc)

@@ -93,7 +93,7 @@ def run(opt_name: str, lr: float, seed: int, steps: int, slnb_args: dict[str, An
             evals.append((step + 1, evaluate(model, eval_data)))
     return {"opt": opt_name, "lr": lr, "seed": seed, "steps": steps, "slnb_args": slnb_args,
             "clip": clip, "eval": evals, "final_eval": evals[-1][1],
-            "train_tail": statistics.mean(curve[-20:]), "max_train": max(curve[10:]),
+            "train_tail": statistics.mean(curve[-20:]), "max_train": max(curve[min(10, len(curve) - 1):]),
             "median_step_s": statistics.median(times)}
 
 

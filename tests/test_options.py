@@ -1,0 +1,94 @@
+"""Options that depart from the paper, each checked against a dense computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_slnb import SLNB
+
+
+def _setup(seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    lin = nn.Linear(5, 3).double()
+    x = torch.randn(40, 5, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 2.0
+    y = torch.randn(40, 3, dtype=torch.float64)
+    return lin, x, y
+
+
+def _dense_solution(x: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor,
+                    ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise exact solve of (X~^T X~ / N + ridge I_W) h = g for a Linear with bias."""
+    xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    c = xt.T @ xt / x.shape[0]
+    c = c + ridge * torch.diag(torch.tensor([1.0] * x.shape[1] + [0.0], dtype=x.dtype))
+    g = torch.cat([grad_w, grad_b[:, None]], 1)
+    h = torch.linalg.solve(c, g.T).T
+    return h[:, :-1], h[:, -1]
+
+
+@pytest.mark.parametrize("mode", ["absolute", "relative"])
+def test_ridge_mode_against_dense_solve(mode: str) -> None:
+    lin, x, y = _setup()
+    before_w, before_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    opt = SLNB(lin.parameters(), model=lin, ridge=0.5, ridge_mode=mode, cg_iters=50, cg_tol=0.0,
+               momentum=0.0, weight_decay=0.0, lr=0.2)
+    ((lin(x) - y) ** 2).mean().backward()
+    gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
+    opt.step()
+    ridge = 0.5 * (x**2).mean(0).mean().item() if mode == "relative" else 0.5
+    hw, hb = _dense_solution(x, gw, gb, ridge)
+    n = ((hw * gw).sum() + (hb * gb).sum()).sqrt()
+    torch.testing.assert_close(lin.weight.detach(), before_w - 0.2 * hw / n, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lin.bias.detach(), before_b - 0.2 * hb / n, rtol=1e-9, atol=1e-12)
+
+
+def test_relative_ridge_is_invariant_to_input_scale() -> None:
+    """With the relative ridge, scaling inputs by c and the weights by 1/c gives the same function."""
+    lin, x, y = _setup()
+    scaled = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        scaled.weight.copy_(lin.weight / 100.0)
+        scaled.bias.copy_(lin.bias)
+    kw = dict(ridge=0.1, ridge_mode="relative", cg_iters=50, cg_tol=0.0, weight_decay=0.0,
+              shrinkage=0.0)
+    oa, ob = SLNB(lin.parameters(), model=lin, **kw), SLNB(scaled.parameters(), model=scaled, **kw)
+    for _ in range(3):
+        for m, inp, o in ((lin, x, oa), (scaled, x * 100.0, ob)):
+            ((m(inp) - y) ** 2).mean().backward()
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(lin(x), scaled(x * 100.0), rtol=1e-8, atol=1e-10)
+
+
+def test_tensor_trust_region_against_dense() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    x = torch.randn(30, 4, dtype=torch.float64)
+    model.double()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = SLNB(model.parameters(), model=model, trust_region="tensor", norm_decay=0.9, eps=1e-8,
+               lr=1e-2, cg_iters=50, cg_tol=0.0, momentum=0.0, weight_decay=0.0, ridge=0.3)
+    model(x).pow(3).mean().backward()
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    hw, hb = _dense_solution(x, grads[0], grads[1], 0.3)
+    hs = [hw, hb, grads[2], grads[3]]  # LayerNorm: identity metric
+    for p, p0, h, g in zip(params, before, hs, grads):
+        rms = ((h * g).sum() / p.numel()).sqrt()  # step 1: the bias-corrected EMA is the value
+        torch.testing.assert_close(p.detach(), p0 - 1e-2 * h / (rms + 1e-8), rtol=1e-9,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"trust_region": "row"}, r"Invalid trust_region='row'"),
+    ({"norm_decay": 1.0}, r"Invalid norm_decay=1\.0"),
+    ({"eps": 0.0}, r"Invalid eps=0\.0"),
+    ({"ridge_mode": "scaled"}, r"Invalid ridge_mode='scaled'"),
+])
+def test_bad_option(kwargs: dict, message: str) -> None:
+    m = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=message):
+        SLNB(m.parameters(), model=m, **kwargs)
