@@ -43,7 +43,7 @@ from packaging.version import Version
 from transformers.training_args import OptimizerNames, TrainingArguments
 
 from .layers import BACKENDS
-from .optimizer import PAPER_URL, SLNB
+from .optimizer import PAPER_URL, RIDGE_MODES, SLNB
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,15 @@ def _slnb_default(name: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Typed options
 # ---------------------------------------------------------------------------------------------
+def _option(name: str, text: str, **metadata: Any) -> Any:
+    """A ``slnb_<name>`` dataclass field whose default and help come from :class:`SLNB`."""
+    default = _slnb_default(name)  # HfArgumentParser's --help adds "(default: ...)"
+    metadata = {"help": f"SLNB: {text}", **metadata}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class SLNBTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with ``optim="slnb"`` by default and one field per SLNB option.
@@ -84,67 +93,53 @@ class SLNBTrainingArguments(TrainingArguments):
         metadata={"help": "The optimizer to use; 'slnb' (the default here) for SLNB. See "
                   "`OptimizerNames` for the complete list."},
     )
-    slnb_momentum: float = field(
-        default=0.9,
-        metadata={"help": "SLNB: decay beta_g of the gradient's moving average, in [0, 1). "
-                  "Default 0.9."},
+    learning_rate: float = field(
+        default=5e-5,
+        metadata={"help": "The initial learning rate. With --optim slnb it is SLNB's trust-region "
+                  "radius (the length of each update in the metric); left at 5e-05 (Adam's "
+                  f"default), SLNB's own default lr ({_slnb_default('lr')}) is used instead."},
     )
-    slnb_mean_decay: float = field(
-        default=0.9,
-        metadata={"help": "SLNB: decay of the moving average of each layer's input-feature "
-                  "means, in [0, 1). Default 0.9."},
-    )
-    slnb_sq_mean_decay: float = field(
-        default=0.999,
-        metadata={"help": "SLNB: decay of the moving average of the input features' mean "
-                  "squares, in [0, 1). Default 0.999."},
-    )
-    slnb_shrinkage: float = field(
-        default=0.1,
-        metadata={"help": "SLNB: share s of the mean variance mixed into each feature's "
-                  "variance in the diagonal preconditioner, in [0, 1). Default 0.1."},
-    )
-    slnb_ridge: float = field(
-        default=0.1,
-        metadata={"help": "SLNB: ridge gamma added to the metric on weights (never biases); "
-                  "larger is closer to plain momentum SGD. >= 0. Default 0.1."},
-    )
-    slnb_cg_iters: int = field(
-        default=2,
-        metadata={"help": "SLNB: conjugate-gradient iterations per layer and step, integer "
-                  ">= 0 (0 keeps the previous step's solution). Default 2."},
-    )
-    slnb_min_norm: float = field(
-        default=1e-2,
-        metadata={"help": "SLNB: floor of the step's metric norm n (the update is "
-                  "lr * h / max(n, min_norm)), > 0. Default 0.01."},
-    )
-    slnb_diagonal_only: bool = field(
-        default=False,
-        metadata={"help": "SLNB: skip conjugate gradient and use the diagonal preconditioner "
-                  "alone (cheaper, approximate). Default False."},
-    )
-    slnb_precondition_embeddings: bool = field(
-        default=True,
-        metadata={"help": "SLNB: give nn.Embedding its exact metric (token frequencies); "
-                  "otherwise embeddings use the identity metric. Default True."},
-    )
-    slnb_skip_modules: list[str] = field(
-        default_factory=list,
-        metadata={"help": "SLNB: regular expressions (re.search on the qualified module name, "
-                  "e.g. 'lm_head'); matching layers use the identity metric. Default none."},
-    )
-    slnb_metric_backend: str = field(
-        default="auto",
-        metadata={"help": "SLNB: how the metric is applied: 'explicit' (accumulate x x^T), "
-                  "'matrix_free' (keep the inputs) or 'auto' (cheaper of the two per layer). "
-                  "All exact. Default 'auto'.", "choices": list(BACKENDS)},
-    )
-    slnb_cg_tol: float = field(
-        default=1e-5,
-        metadata={"help": "SLNB: conjugate gradient stops early once |residual| <= cg_tol * "
-                  "|gradient|, >= 0. Default 1e-5."},
-    )
+    slnb_momentum: float = _option("momentum", "decay beta_g of the gradient's moving average, "
+                                   "in [0, 1).")
+    slnb_mean_decay: float = _option("mean_decay", "decay of the moving average of each layer's "
+                                     "input-feature means, in [0, 1).")
+    slnb_sq_mean_decay: float = _option("sq_mean_decay", "decay of the moving average of the "
+                                        "input features' mean squares, in [0, 1).")
+    slnb_shrinkage: float = _option("shrinkage", "share s of the mean variance mixed into each "
+                                    "feature's variance in the diagonal preconditioner, "
+                                    "in [0, 1).")
+    slnb_ridge: float = _option("ridge", "ridge gamma added to the metric on weights (never "
+                                "biases); larger is closer to momentum SGD. >= 0.")
+    slnb_cg_iters: int = _option("cg_iters", "conjugate-gradient iterations per layer and step, "
+                                 "integer >= 0 (0 keeps the previous step's solution).")
+    slnb_min_norm: float = _option("min_norm", "floor of the step's metric norm n (the update is "
+                                   "lr * h / max(n, min_norm)), > 0.")
+    slnb_diagonal_only: bool = _option("diagonal_only", "skip conjugate gradient and use the "
+                                       "diagonal preconditioner alone (cheaper, approximate).")
+    slnb_precondition_embeddings: bool = _option(
+        "precondition_embeddings", "give nn.Embedding its exact metric (token frequencies); "
+        "otherwise embeddings use the identity metric.")
+    slnb_skip_modules: list[str] = _option(  # noqa: RUF009 - a field(default_factory=...)
+        "skip_modules", "regular expressions (re.search on the qualified module name, e.g. "
+        "'lm_head'); matching layers use the identity metric.")
+    slnb_metric_backend: str = _option(
+        "metric_backend", "how the metric is applied: 'explicit' (accumulate x x^T), "
+        "'matrix_free' (keep the inputs) or 'auto' (the cheaper per layer); all exact.",
+        choices=list(BACKENDS))
+    slnb_cg_tol: float = _option("cg_tol", "conjugate gradient stops early once |residual| <= "
+                                 "cg_tol * |gradient|, >= 0.")
+    slnb_ridge_mode: str = _option(
+        "ridge_mode", "'absolute' (the paper: gamma = ridge) or 'relative' (gamma = ridge * the "
+        "layer's mean feature second moment, invariant to a rescaling of its inputs).",
+        choices=list(RIDGE_MODES))
+    slnb_trust_region: str = _option(
+        "trust_region", "'global' (the paper: one unit step under the metric for the whole "
+        "model; lr is its radius) or 'tensor' (each tensor divided by its metric RMS, as in "
+        "Adam-mini; lr is then an Adam-like per-element step).")
+    slnb_norm_decay: float = _option("norm_decay", "decay of the per-tensor metric RMS (with "
+                                     "trust_region='tensor'), in [0, 1).")
+    slnb_eps: float = _option("eps", "added to the per-tensor metric RMS (with "
+                              "trust_region='tensor'), > 0.")
 
     def __post_init__(self) -> None:
         register()
@@ -194,7 +189,8 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
 
     Keys are the SLNB option names without the ``slnb_`` prefix (``momentum``, ``mean_decay``,
     ``sq_mean_decay``, ``shrinkage``, ``ridge``, ``cg_iters``, ``min_norm``, ``diagonal_only``,
-    ``precondition_embeddings``, ``skip_modules``, ``metric_backend``, ``cg_tol``). Booleans are
+    ``precondition_embeddings``, ``skip_modules``, ``metric_backend``, ``cg_tol``,
+    ``ridge_mode``). Booleans are
     ``true``/``false``; ``skip_modules`` is one regular expression (use ``|`` for several).
     Values cannot contain ``,`` or ``=`` (transformers splits the string on them).
 
@@ -279,8 +275,10 @@ def _validate(args: TrainingArguments) -> None:
     kwargs = slnb_optimizer_kwargs(args)
     probe = torch.nn.Linear(1, 1)
     try:
-        optimizer = SLNB(probe.parameters(), model=probe, lr=args.learning_rate,
-                         weight_decay=args.weight_decay, **kwargs)
+        with warnings.catch_warnings():  # advice is given once, when the real optimizer is built
+            warnings.simplefilter("ignore")
+            optimizer = SLNB(probe.parameters(), model=probe, lr=args.learning_rate,
+                             weight_decay=args.weight_decay, **kwargs)
     except ValueError as err:
         raise ValueError(f"--optim slnb: {err}") from None
     optimizer.remove_hooks()
@@ -313,19 +311,21 @@ def _check_setup(args: TrainingArguments) -> None:
     if args.fsdp or _env_true("ACCELERATE_USE_FSDP"):
         raise _unsupported("FSDP", "its sharded parameters do not match the whole layers "
                            "SLNB preconditions")
-    if args.torch_compile or args.torch_compile_backend or args.torch_compile_mode:
-        raise ValueError(
-            "--optim slnb does not support --torch_compile yet: SLNB captures each layer's "
-            "inputs with forward hooks and tensor hooks that the compiled graph does not run "
-            "as eager code does. Drop --torch_compile (and --torch_compile_backend/_mode)."
-        )
+
+
+def _lr_is_radius(args: TrainingArguments) -> bool:
+    """Whether lr is a trust-region radius (not an Adam-like step, as with a per-tensor one)."""
+    param = inspect.signature(SLNB).parameters.get("trust_region")
+    if param is None:
+        return True
+    return bool(slnb_optimizer_kwargs(args).get("trust_region", param.default) == "global")
 
 
 def _resolve_learning_rate(args: TrainingArguments) -> None:
     """Replace a learning rate left at the class default (an Adam step) by SLNB's default lr."""
     fields = getattr(type(args), "__dataclass_fields__", {})
     spec = fields.get("learning_rate")
-    if spec is None or args.learning_rate != spec.default:
+    if spec is None or args.learning_rate != spec.default or not _lr_is_radius(args):
         return
     lr = _slnb_default("lr")
     args.learning_rate = lr
@@ -366,6 +366,14 @@ def _bind_model(model: torch.nn.Module) -> type[SLNB]:
     return TrainerSLNB
 
 
+def _has_dtensor(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _slnb_handler(ctx: Any) -> tuple[type[SLNB], dict[str, Any]]:
     """Handler for ``_OPTIMIZER_HANDLERS["slnb"]``: the optimizer class and its kwargs."""
     args, model = ctx.args, ctx.model
@@ -373,11 +381,7 @@ def _slnb_handler(ctx: Any) -> tuple[type[SLNB], dict[str, Any]]:
         raise ValueError("--optim slnb needs the model: SLNB hooks its layers. Build the "
                          "optimizer through Trainer.create_optimizer().")
     _check_setup(args)
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - old torch
-        DTensor = ()  # noqa: N806
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if _has_dtensor(model):
         raise _unsupported("sharded (DTensor) parameters", "tensor or fully sharded "
                            "parallelism splits the layers SLNB preconditions")
     ctx.optimizer_kwargs.update(slnb_optimizer_kwargs(args), weight_decay=args.weight_decay)
@@ -453,8 +457,8 @@ def model_card_section(args: TrainingArguments) -> str:
         "Trained with **SLNB** (Simple Linear Neuron Boosting; D. Munoz, "
         f"[arXiv:2502.01131]({PAPER_URL})), `--optim slnb` from `hf_slnb` {__version__}: "
         "gradient descent in which every linear layer's inputs are whitened in the metric "
-        "(preconditioned conjugate gradient). `lr` is a trust-region radius; weight decay is "
-        "not applied to biases and normalisation weights.\n\n"
+        "(preconditioned conjugate gradient). Weight decay is not applied to biases and "
+        "normalisation weights.\n\n"
         "| hyperparameter | value |\n|---|---|\n"
         f"{rows}\n"
         f"{_CARD_END}\n"
@@ -471,7 +475,7 @@ def add_to_model_card(trainer: Any) -> None:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     text = re.sub(re.escape(_CARD_BEGIN) + r".*?" + re.escape(_CARD_END) + r"\n?", "", text,
-                  flags=re.S).rstrip("\n")
+                  flags=re.DOTALL).rstrip("\n")
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"{text}\n\n{model_card_section(trainer.args)}")
 

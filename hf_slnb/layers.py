@@ -56,6 +56,31 @@ class Capture:
         return out
 
 
+GRAM_BLOCK = 256
+
+
+def add_gram_upper(gram: Tensor, x: Tensor, block: int = GRAM_BLOCK) -> None:
+    """``gram += x^T x`` on the diagonal and upper blocks only (symmetry saves up to half).
+
+    Blocks strictly below the diagonal are left untouched; :func:`symmetrized` fills them.
+    """
+    d = x.shape[1]
+    if d <= block:
+        gram.addmm_(x.T, x)
+        return
+    for i in range(0, d, block):
+        xi = x[:, i : i + block]
+        gram[i : i + block, i:].addmm_(xi.T, x[:, i:])
+
+
+def symmetrized(gram: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """A full symmetric copy of a gram accumulated by :func:`add_gram_upper`."""
+    if gram.shape[0] <= block:
+        return gram.clone()
+    upper = torch.triu(gram)
+    return upper + torch.triu(gram, diagonal=1).T
+
+
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 or the parameter's dtype, whichever is wider."""
     return torch.promote_types(dtype, torch.float32)
@@ -176,7 +201,7 @@ class LinearNeuron(Neuron):
         cap.count += xs.shape[0]
         cap.n_out += xs.shape[0]
         if cap.gram is not None:
-            cap.gram.addmm_(xs.T, xs)  # its diagonal is sum_x2: see Capture.square_sums
+            add_gram_upper(cap.gram, xs)  # its diagonal is sum_x2: see Capture.square_sums
         else:
             cap.sum_x2 += (xs * xs).sum(0)
             if not diagonal_only:
@@ -188,7 +213,7 @@ class LinearNeuron(Neuron):
         self._sn = cap.sum_x / cap.n_out
         if cap.gram is not None:
             # (X^T X / N + ridge I): one product per metric-vector multiplication
-            self._gr = cap.gram / cap.n_out
+            self._gr = symmetrized(cap.gram) / cap.n_out
             self._gr.diagonal().add_(ridge)
 
     def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:

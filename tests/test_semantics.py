@@ -335,3 +335,18 @@ def test_conv_layers_are_neurons_and_transposed_conv_is_not() -> None:
         opt.step()
         opt.zero_grad()
     assert "mu" in opt.state[m[2].weight] and "mu" not in opt.state[m[3].weight]
+
+
+def test_blocked_gram_of_wide_layers_matches_matrix_free() -> None:
+    torch.manual_seed(0)
+    a = nn.Linear(600, 3)
+    b = copy.deepcopy(a)
+    oa = SLNB(a.parameters(), model=a, metric_backend="explicit", cg_iters=3)
+    ob = SLNB(b.parameters(), model=b, metric_backend="matrix_free", cg_iters=3)
+    for _ in range(3):
+        x = torch.randn(50, 600) + torch.linspace(-1, 1, 600)
+        for m, o in ((a, oa), (b, ob)):
+            m(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-11, atol=1e-12)

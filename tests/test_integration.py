@@ -1,0 +1,634 @@
+"""``--optim slnb`` in the Hugging Face Trainer family (offline, tiny models, CPU).
+
+In-process tests call ``hf_slnb.register()``; the tests marked ``installed`` install the working
+tree into a throwaway virtual environment and run ``hf_example_script.py`` (which never imports
+hf_slnb) as a subprocess, single-process, under torchrun and under accelerate launch, so the
+``.pth`` auto-registration is what they check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    T5Config,
+    T5ForConditionalGeneration,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.training_args import OptimizerNames
+
+import hf_slnb
+from hf_slnb import SLNB, integration
+from hf_slnb.integration import SLNBTrainingArguments, parse_optim_args
+
+hf_slnb.register()  # in-process tests do not rely on the .pth hook being installed
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "hf_example_script.py"
+DIAGNOSTICS = ("slnb/step_norm", "slnb/cg_rel_residual", "slnb/preconditioned_fraction")
+
+
+@pytest.fixture(autouse=True)
+def _float32_one_thread():
+    """HF models in float32 whatever other modules set; one thread (2 shared cores thrash)."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models and data
+# ---------------------------------------------------------------------------------------------
+VOCAB, SEQ = 64, 16
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=2, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def lm_data(n: int = 64, seed: int = 0) -> Dataset:
+    """Next token = previous + 1 (mod vocabulary): learnable in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    ids = (start + torch.arange(SEQ)) % VOCAB
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def args_for(tmp_path: Path, cls: type = TrainingArguments, **kwargs: Any) -> TrainingArguments:
+    defaults: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"), "optim": "slnb", "max_steps": 3,
+        "per_device_train_batch_size": 4, "logging_steps": 1, "report_to": "none",
+        "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "seed": 0,
+    }
+    defaults.update(kwargs)
+    return cls(**defaults)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_trainable_changed(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unchanged = [n for n, p in params.items() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged, f"trainable parameters not updated: {unchanged}"
+    moved = [n for n, p in params.items() if not p.requires_grad and not torch.equal(p, before[n])]
+    assert not moved, f"frozen parameters changed: {moved}"
+
+
+def slnb_of(trainer: Trainer) -> SLNB:
+    optimizer = integration.unwrap_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, SLNB)
+    return optimizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and arguments
+# ---------------------------------------------------------------------------------------------
+def test_register_is_idempotent_and_extends_optimizer_names() -> None:
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS
+
+    n_members = len(OptimizerNames)
+    hf_slnb.register()
+    hf_slnb.register()
+    assert len(OptimizerNames) == n_members
+    assert OptimizerNames("slnb") is OptimizerNames.SLNB
+    assert OptimizerNames.SLNB == "slnb"
+    assert _OPTIMIZER_HANDLERS[OptimizerNames.SLNB] is integration._slnb_handler
+    for owner, attr in ((Trainer, "__init__"), (Trainer, "log"),
+                        (TrainingArguments, "__post_init__")):
+        original = getattr(owner, attr).__hf_slnb_original__  # wrapped ...
+        assert not hasattr(original, "__hf_slnb_original__")  # ... once
+
+
+def test_cli_accepts_optim_slnb_and_optim_args(tmp_path: Path) -> None:
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--optim", "slnb", "--optim_args", "cg_iters=4,ridge=0.05"]
+    )
+    assert args.optim is OptimizerNames.SLNB
+    kwargs = integration.slnb_optimizer_kwargs(args)
+    assert kwargs == {"cg_iters": 4, "ridge": 0.05}
+    assert type(kwargs["cg_iters"]) is int and type(kwargs["ridge"]) is float
+
+
+def test_every_slnb_hyperparameter_has_a_field() -> None:
+    trainer_level = {"params", "model", "lr", "weight_decay", "process_group"}
+    options = set(inspect.signature(SLNB).parameters) - trainer_level
+    fields = {f.name[5:] for f in dataclasses.fields(SLNBTrainingArguments)
+              if f.name.startswith("slnb_")}
+    assert fields == options
+
+
+def test_slnb_training_arguments_help_and_defaults(tmp_path: Path) -> None:
+    text = HfArgumentParser(SLNBTrainingArguments).format_help()
+    assert "slnb" in text.split("--optim ", 1)[1][:2000]
+    for f in dataclasses.fields(SLNBTrainingArguments):
+        if f.name.startswith("slnb_"):
+            entry = text.split(f"\n  --{f.name} ", 1)[1].split("\n  --", 1)[0]
+            assert "SLNB: " in entry and "(default: " in " ".join(entry.split()), f.name
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            expected = inspect.signature(SLNB).parameters[f.name[5:]].default
+            assert default == (list(expected) if isinstance(expected, tuple) else expected), f.name
+    (args,) = HfArgumentParser(SLNBTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--slnb_cg_iters", "5", "--slnb_skip_modules", "lm_head",
+         "wte", "--no_slnb_precondition_embeddings", "--slnb_metric_backend", "explicit"]
+    )
+    assert args.optim is OptimizerNames.SLNB  # the default of SLNBTrainingArguments
+    kwargs = integration.slnb_optimizer_kwargs(args)
+    assert kwargs["cg_iters"] == 5 and kwargs["skip_modules"] == ("lm_head", "wte")
+    assert kwargs["precondition_embeddings"] is False and kwargs["metric_backend"] == "explicit"
+
+
+def test_optim_args_win_over_fields_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="overrides --slnb_ridge"):
+        args = args_for(tmp_path, SLNBTrainingArguments, slnb_ridge=0.5, slnb_cg_iters=3,
+                        optim_args="ridge=0.2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_gpt2())
+    assert kwargs["ridge"] == 0.2 and kwargs["cg_iters"] == 3 and "model" not in kwargs
+
+
+def test_optim_args_parse_types() -> None:
+    assert parse_optim_args(None) == {} and parse_optim_args("") == {}
+    assert parse_optim_args(" momentum = 0.8 , diagonal_only=True,skip_modules=lm_head|wte,"
+                            "metric_backend=matrix_free") == {
+        "momentum": 0.8, "diagonal_only": True, "skip_modules": ["lm_head|wte"],
+        "metric_backend": "matrix_free"}
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "message"),
+    [
+        ("cg_iters=4,ridge", ("Invalid --optim_args item 'ridge' in 'cg_iters=4,ridge': expected "
+                              "comma-separated key=value pairs")),
+        ("ridge=0.1,", "Invalid --optim_args item ''"),
+        ("rigde=0.1", ("Invalid --optim_args key 'rigde' for --optim slnb: must be one of "
+                       "cg_iters, cg_tol, diagonal_only, ")),  # ... every option, sorted
+        ("ridge=abc", ("Invalid --optim_args value ridge='abc' for --optim slnb: must be a "
+                       "finite number.")),
+        ("ridge=nan", "Invalid --optim_args value ridge='nan' for --optim slnb: must be a finite"),
+        ("cg_iters=2.5", ("Invalid --optim_args value cg_iters='2.5' for --optim slnb: must be "
+                          "an integer.")),
+        ("diagonal_only=maybe", ("Invalid --optim_args value diagonal_only='maybe' for --optim "
+                                 "slnb: must be true or false.")),
+        ("cg_iters=1,cg_iters=2", "key 'cg_iters' is given twice"),
+        ("lr=0.5", "Invalid --optim_args key 'lr' for --optim slnb: set it with --learning_rate"),
+        ("weight_decay=0.1", "set it with --weight_decay"),
+        ("ridge=-1", "--optim slnb: Invalid ridge=-1.0: must be >= 0."),
+        ("momentum=1", "--optim slnb: Invalid momentum=1.0: must be in [0.0, 1.0)."),
+        ("cg_iters=-1", "--optim slnb: Invalid cg_iters=-1: must be an integer >= 0."),
+        ("metric_backend=dense", "--optim slnb: Invalid metric_backend='dense': must be one of"),
+        ("ridge_mode=scaled", "--optim slnb: Invalid ridge_mode='scaled': must be one of"),
+    ],
+)
+def test_bad_optim_args_fail_when_arguments_are_built(tmp_path: Path, optim_args: str,
+                                                      message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        args_for(tmp_path, optim_args=optim_args)
+    assert message in str(err.value)
+
+
+def test_bad_learning_rate_fails_early(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"Invalid lr=-0.1: must be >= 0"):
+        args_for(tmp_path, learning_rate=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "what"),
+    [
+        ({"deepspeed": {"train_micro_batch_size_per_gpu": 4}}, "DeepSpeed"),
+        ({"fsdp": True}, "FSDP"),
+        ({"fsdp": "full_shard"}, "FSDP"),
+    ],
+)
+def test_unsupported_setups_fail_fast(tmp_path: Path, setting: dict, what: str) -> None:
+    with pytest.raises(ValueError, match=f"--optim slnb does not support {what}"):
+        args_for(tmp_path, **setting)
+
+
+def test_accelerate_fsdp_environment_fails_fast(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        args_for(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="does not support DeepSpeed"):
+        args_for(tmp_path)
+
+
+def test_unsupported_transformers_version(monkeypatch) -> None:
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.57.1")
+    with pytest.raises(RuntimeError, match=r"supports transformers >=5\.23,<5\.25, but "
+                                           r"transformers 4\.57\.1 is installed"):
+        hf_slnb.register()
+    # The start-up hook turns the same error into a warning and leaves 'slnb' to the stock error.
+    spec = importlib.util.spec_from_file_location("_hf_slnb_autoregister_t",
+                                                  ROOT / "_hf_slnb_autoregister.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    with pytest.warns(RuntimeWarning, match=r"could not register '--optim slnb'.*>=5\.23,<5\.25"):
+        hook._patch(sys.modules["transformers.training_args"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning rate: a right first experience
+# ---------------------------------------------------------------------------------------------
+def test_default_learning_rate_becomes_slnb_default(tmp_path: Path, caplog) -> None:
+    slnb_lr = inspect.signature(SLNB).parameters["lr"].default
+    with caplog.at_level(logging.WARNING, logger="hf_slnb.integration"):
+        assert args_for(tmp_path).learning_rate == slnb_lr
+    assert "--learning_rate was not given" in caplog.text
+    assert args_for(tmp_path, learning_rate=0.3).learning_rate == 0.3
+    assert args_for(tmp_path, optim="adamw_torch").learning_rate == 5e-5
+    assert args_for(tmp_path, Seq2SeqTrainingArguments).learning_rate == slnb_lr
+    if "trust_region" in inspect.signature(SLNB).parameters:  # lr Adam-like: the default stays
+        args = args_for(tmp_path, optim_args="trust_region=tensor")
+        assert args.learning_rate == 5e-5
+
+
+def _final_loss(tmp_path: Path, optim: str) -> float:
+    model = tiny_gpt2(seed=1)
+    args = args_for(tmp_path / optim, optim=optim, max_steps=40, per_device_train_batch_size=8,
+                    logging_steps=5)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_data(256))
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]
+
+
+def test_out_of_the_box_at_least_as_good_as_adamw_defaults(tmp_path: Path) -> None:
+    slnb, adamw = _final_loss(tmp_path, "slnb"), _final_loss(tmp_path, "adamw_torch")
+    assert slnb < adamw, (slnb, adamw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer semantics
+# ---------------------------------------------------------------------------------------------
+class GradNormSpy(TrainerCallback):
+    """Records the gradient norm the optimizer sees (after the Trainer's clipping)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+
+
+def test_gpt2_trainer_groups_diagnostics_clipping(tmp_path: Path) -> None:
+    model = tiny_gpt2(dropout=0.1)
+    before = snapshot(model)
+    spy = GradNormSpy()
+    args = args_for(tmp_path, weight_decay=0.01, max_grad_norm=0.05, logging_steps=2, max_steps=4)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_data(), callbacks=[spy])
+    trainer.train()
+    assert_trainable_changed(model, before)  # Conv1D, tied wte/lm_head, wpe, norms, biases
+    optimizer = slnb_of(trainer)
+    # The Trainer's parameter groups: weight decay on matrices, none on biases and norms.
+    decay = set(trainer.get_decay_parameter_names(model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (0.01 if names[id(p)] in decay else 0.0)
+    assert any(group["weight_decay"] == 0.0 for group in optimizer.param_groups)
+    # Gradients reach SLNB clipped to max_grad_norm.
+    assert len(spy.norms) == 4 and max(spy.norms) <= 0.05 * (1 + 1e-4)
+    # Diagnostics on every logging step, and only there.
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    for h in logged:
+        assert all(isinstance(h[k], float) for k in DIAGNOSTICS)
+        assert h["slnb/preconditioned_fraction"] > 0.9
+        assert h["slnb/step_norm"] > 0
+    assert not any(k.startswith("slnb/") for h in trainer.state.log_history if "loss" not in h
+                   for k in h)
+
+
+def test_bert_trainer_updates_every_parameter(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=SEQ, num_labels=2))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (32, SEQ), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+    before = snapshot(model)
+    trainer = Trainer(model=model, args=args_for(tmp_path), train_dataset=data)
+    trainer.train()
+    assert_trainable_changed(model, before)
+    assert trainer.state.log_history[0]["slnb/preconditioned_fraction"] > 0.9
+
+
+def test_schedule_and_warmup_act_on_slnb_lr(tmp_path: Path) -> None:
+    def moved(**kwargs: Any) -> float:
+        model = tiny_gpt2()
+        before = snapshot(model)
+        trainer = Trainer(model=model, args=args_for(tmp_path, max_steps=2, **kwargs),
+                          train_dataset=lm_data())
+        trainer.train()
+        return max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
+
+    assert moved(lr_scheduler_type="constant") > 1e-3
+    # Warm-up from 0 over a million steps: the two steps use lr 0 and 1e-7.
+    assert moved(lr_scheduler_type="constant_with_warmup", warmup_steps=10**6) < 1e-6
+
+
+def _train_weights(tmp_path: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
+    model = tiny_gpt2()
+    trainer = Trainer(model=model, args=args_for(tmp_path, **kwargs), train_dataset=lm_data())
+    trainer.train()
+    return snapshot(model)
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: float) -> None:
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], msg=name, **tol)
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path: Path) -> None:
+    full = _train_weights(tmp_path / "a", per_device_train_batch_size=8)
+    accumulated = _train_weights(tmp_path / "b", per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2)
+    _assert_close(full, accumulated, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path: Path) -> None:
+    plain = _train_weights(tmp_path / "a")
+    checkpointed = _train_weights(tmp_path / "b", gradient_checkpointing=True)
+    _assert_close(plain, checkpointed, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_gives_the_same_steps(tmp_path: Path) -> None:
+    # aot_eager runs dynamo and AOTAutograd (where hooks could be lost) without inductor's C++
+    # build; the default inductor backend gave the same weights too, in 30 s more.
+    eager = _train_weights(tmp_path / "a")
+    compiled = _train_weights(tmp_path / "b", torch_compile=True,
+                              torch_compile_backend="aot_eager")
+    _assert_close(eager, compiled, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_cpu_autocast(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    before = snapshot(model)
+    trainer = Trainer(model=model, args=args_for(tmp_path, bf16=True, max_steps=2),
+                      train_dataset=lm_data())
+    trainer.train()
+    assert_trainable_changed(model, before)
+    optimizer = slnb_of(trainer)
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
+    fp32 = _train_weights(tmp_path / "fp32", max_steps=2)
+    delta = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])
+    delta32 = torch.cat([(fp32[n] - before[n]).flatten() for n in fp32])
+    assert torch.nn.functional.cosine_similarity(delta, delta32, dim=0) > 0.95
+
+
+def test_resume_from_checkpoint_is_bit_exact(tmp_path: Path) -> None:
+    kwargs = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3,
+              "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2,
+              "lr_scheduler_type": "linear", "warmup_steps": 2}
+    model = tiny_gpt2(dropout=0.1)
+    trainer = Trainer(model=model, args=args_for(tmp_path / "a", **kwargs), train_dataset=lm_data())
+    trainer.train()
+    uninterrupted = snapshot(model)
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").is_file()
+
+    resumed = tiny_gpt2(seed=123, dropout=0.1)
+    trainer = Trainer(model=resumed, args=args_for(tmp_path / "b", **kwargs),
+                      train_dataset=lm_data())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, uninterrupted[name]), name
+
+
+def test_model_card_names_slnb(tmp_path: Path) -> None:
+    args = args_for(tmp_path, optim_args="cg_iters=3")
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_data())
+    trainer.train()
+    trainer.create_model_card(model_name="tiny")
+    trainer.create_model_card(model_name="tiny")  # refreshed, not appended twice
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.count("## Optimizer") == 1
+    assert "https://arxiv.org/abs/2502.01131" in card
+    assert "- optimizer: SLNB (Simple Linear Neuron Boosting" in card
+    assert "| `cg_iters` | `3` |" in card and "| `lr` | `0.1` |" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer family: PEFT LoRA, Seq2SeqTrainer, TRL's SFTTrainer
+# ---------------------------------------------------------------------------------------------
+def test_lora_finetuning(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+        lora_dropout=0.0))
+    before = snapshot(model)
+    trainer = Trainer(model=model, args=args_for(tmp_path, max_steps=3), train_dataset=lm_data())
+    trainer.train()
+    assert_trainable_changed(model, before)  # LoRA A and B move, the base model does not
+    assert trainer.state.log_history[-2]["slnb/preconditioned_fraction"] == 1.0
+
+
+def test_seq2seq_trainer_t5(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, VOCAB, (24, 8), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.flip(1).tolist()})
+    before = snapshot(model)
+    args = args_for(tmp_path, Seq2SeqTrainingArguments, predict_with_generate=True,
+                    generation_max_length=8, per_device_eval_batch_size=8)
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert_trainable_changed(model, before)
+    after = snapshot(model)
+    metrics = trainer.evaluate()  # generation and eval passes must not feed SLNB
+    assert "eval_loss" in metrics
+    assert all(torch.equal(p, after[n]) for n, p in model.named_parameters())
+    assert all(n.capture is None for n in slnb_of(trainer).neurons)
+
+
+def _char_tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{c: i + 3 for i, c in
+                                                      enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
+                                                unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_trl_sft_trainer(tmp_path: Path) -> None:
+    trl = pytest.importorskip("trl")
+    tokenizer = _char_tokenizer()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    data = Dataset.from_dict({"text": [" ".join(letters[i:i + 8]) for i in range(16)]})
+    model = tiny_gpt2()
+    before = snapshot(model)
+    args = args_for(tmp_path, trl.SFTConfig, max_length=SEQ, max_steps=2)
+    assert args.learning_rate == inspect.signature(SLNB).parameters["lr"].default  # not 2e-5
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
+                             processing_class=tokenizer)
+    trainer.train()
+    assert_trainable_changed(model, before)
+    assert all(k in trainer.state.log_history[0] for k in DIAGNOSTICS)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SLNB" in card and "https://arxiv.org/abs/2502.01131" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# Installed package: .pth auto-registration, unmodified script, torchrun, accelerate launch
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def venv_python(tmp_path_factory) -> Path:
+    """A throwaway venv (system site-packages) with the working tree ``pip install``-ed."""
+    base = tmp_path_factory.mktemp("installed")
+    src = base / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "_hf_slnb_autoregister.py"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    (src / "README.md").touch()
+    shutil.copytree(ROOT / "hf_slnb", src / "hf_slnb",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    venv = base / "venv"
+    # Without its own pip and setuptools: the system's (seen through site-packages) do the install.
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--disable-pip-version-check", str(src)],
+                   check=True, cwd=base)
+    return python
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "HF_SLNB_AUTOREGISTER") and not k.startswith("ACCELERATE_")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+SCRIPT_ARGS = ["--optim", "slnb", "--do_train", "--max_steps", "4", "--logging_steps", "2",
+               "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "steps",
+               "--save_steps", "4"]
+
+
+def _check_run(out: Path, proc: subprocess.CompletedProcess, world_size: int) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert "SLNB" in info["optimizer_mro"]
+    assert info["world_size"] == world_size
+    assert info["learning_rate"] == inspect.signature(SLNB).parameters["lr"].default
+    logged = [h for h in info["log_history"] if "loss" in h]
+    assert len(logged) == 2 and all(k in h for h in logged for k in DIAGNOSTICS)
+    assert "arxiv.org/abs/2502.01131" in (out / "README.md").read_text()
+    return info
+
+
+@pytest.mark.installed
+def test_installed_startup_is_cheap_and_switchable(venv_python: Path, tmp_path: Path) -> None:
+    probe = ("import sys; print(sorted(m for m in ('torch', 'transformers', 'hf_slnb') "
+             "if m in sys.modules), any(type(f).__name__ == '_HfSlnbFinder' "
+             "for f in sys.meta_path))")
+    proc = _run([str(venv_python), "-c", probe], tmp_path)
+    assert proc.stdout.strip() == "[] True", proc.stderr  # a hook, and no heavy import
+    proc = _run([str(venv_python), "-c", probe], tmp_path, HF_SLNB_AUTOREGISTER="0")
+    assert proc.stdout.strip() == "[] False", proc.stderr
+    # Importing the integration first (it imports transformers itself) registers quietly.
+    code = ("from hf_slnb import SLNBTrainingArguments as A; import transformers as t; "
+            "print(A(output_dir='o').optim.value, "
+            "'slnb' in t.training_args.OptimizerNames._value2member_map_)")
+    proc = _run([str(venv_python), "-W", "error::RuntimeWarning", "-c", code], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["slnb", "True"], proc.stderr
+    # Switched off: transformers' stock argparse error for an unknown optimizer.
+    proc = _run([str(venv_python), str(SCRIPT), "--output_dir", str(tmp_path / "off"),
+                 *SCRIPT_ARGS], tmp_path, HF_SLNB_AUTOREGISTER="0")
+    assert proc.returncode == 2 and "argument --optim: invalid choice: 'slnb'" in proc.stderr
+
+
+@pytest.mark.installed
+def test_installed_unmodified_script_single_process(venv_python: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _run([str(venv_python), str(SCRIPT), "--output_dir", str(out), *SCRIPT_ARGS,
+                 "--weight_decay", "0.01", "--optim_args", "cg_iters=3"], tmp_path)
+    _check_run(out, proc, world_size=1)
+    # A checkpoint's training_args.bin loads in a fresh process that never imports hf_slnb.
+    load = ("import torch; a = torch.load('training_args.bin', weights_only=False); "
+            "print(a.optim.value, a.optim_args)")
+    proc = _run([str(venv_python), "-c", load], out / "checkpoint-4")
+    assert proc.returncode == 0 and proc.stdout.split()[-2:] == ["slnb", "cg_iters=3"], proc.stderr
+
+
+@pytest.mark.installed
+def test_installed_torchrun_two_processes(venv_python: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _run([str(venv_python), "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "2", str(SCRIPT), "--use_cpu", "true",
+                 "--output_dir", str(out), *SCRIPT_ARGS], tmp_path, timeout=240)
+    _check_run(out, proc, world_size=2)
+
+
+@pytest.mark.installed
+def test_installed_accelerate_launch_two_processes(venv_python: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for _ in range(2):  # a port picked free may be taken before the launcher binds it
+        proc = _run([str(venv_python), "-m", "accelerate.commands.launch", "--multi_gpu",
+                     "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no", "--main_process_port", _free_port(), str(SCRIPT),
+                     "--use_cpu", "true", "--output_dir", str(out), *SCRIPT_ARGS], tmp_path,
+                    timeout=240)
+        if "address already in use" not in (proc.stdout + proc.stderr).lower():
+            break
+    _check_run(out, proc, world_size=2)
