@@ -47,6 +47,7 @@ class ModelArguments:
     hidden_size: int = field(default=32, metadata={"help": "Width of the model."})
     num_layers: int = field(default=2, metadata={"help": "Number of transformer blocks."})
     num_heads: int = field(default=2, metadata={"help": "Attention heads per block."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout probability everywhere."})
 
 
 @dataclass
@@ -66,13 +67,17 @@ def build_model(model_args: ModelArguments, data_args: DataTrainingArguments) ->
     if model_args.model_type == "gpt2":
         config = AutoConfig.for_model(
             "gpt2", n_embd=model_args.hidden_size, n_layer=model_args.num_layers,
-            n_head=model_args.num_heads, n_positions=data_args.block_size, **common,
+            n_head=model_args.num_heads, n_positions=data_args.block_size,
+            resid_pdrop=model_args.dropout, embd_pdrop=model_args.dropout,
+            attn_pdrop=model_args.dropout, **common,
         )
         return AutoModelForCausalLM.from_config(config)
     config = AutoConfig.for_model(
         "bert", hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_layers,
         num_attention_heads=model_args.num_heads, intermediate_size=2 * model_args.hidden_size,
-        max_position_embeddings=data_args.block_size, num_labels=2, **common,
+        max_position_embeddings=data_args.block_size, num_labels=2,
+        hidden_dropout_prob=model_args.dropout, attention_probs_dropout_prob=model_args.dropout,
+        **common,
     )
     return AutoModelForSequenceClassification.from_config(config)
 
