@@ -52,7 +52,7 @@ class Capture:
         """The tensors that a data-parallel reduction sums (inputs excluded)."""
         out = [self.sum_x, self.sum_x2, self.count, self.n_out]
         if self.gram is not None:
-            out.append(self.gram)
+            out.extend(gram_upper_blocks(self.gram))
         return out
 
 
@@ -71,6 +71,14 @@ def add_gram_upper(gram: Tensor, x: Tensor, block: int = GRAM_BLOCK) -> None:
     for i in range(0, d, block):
         xi = x[:, i : i + block]
         gram[i : i + block, i:].addmm_(xi.T, x[:, i:])
+
+
+def gram_upper_blocks(gram: Tensor, block: int = GRAM_BLOCK) -> list[Tensor]:
+    """The views of a gram that :func:`add_gram_upper` fills (all a reduction needs to sum)."""
+    d = gram.shape[0]
+    if d <= block:
+        return [gram]
+    return [gram[i : i + block, i:] for i in range(0, d, block)]
 
 
 def symmetrized(gram: Tensor, block: int = GRAM_BLOCK) -> Tensor:

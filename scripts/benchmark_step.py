@@ -52,6 +52,28 @@ def make_optimizer(kind: str, model: torch.nn.Module, slnb_args: dict[str, Any])
     return SLNB(model.parameters(), model=model, **slnb_args)
 
 
+def comm_floats(name: str, batch: int, seq: int, slnb_args: dict[str, Any]) -> tuple[int, int]:
+    """Floats SLNB all-reduces per step in data parallel, and floats of the gradient all-reduce."""
+    from hf_slnb.layers import ConvNeuron
+
+    model = build(name, seq)
+    opt = make_optimizer("slnb", model, slnb_args)
+    data = torch.randint(0, model.config.vocab_size, (batch, seq))
+    model(input_ids=data, labels=data).loss.backward()
+    extra = 0
+    for n in opt.neurons:
+        if n.capture is None:
+            continue
+        if n.capture.gram is None and n.supports_explicit and not opt.diagonal_only:
+            n.capture = n._new_capture(True)  # what a data-parallel run would choose
+        extra += sum(t.numel() for t in n.capture.tensors())
+        if isinstance(n, ConvNeuron) and not opt.diagonal_only:  # products reduced per PCG iteration
+            extra += (opt.param_groups[0]["cg_iters"] + 1) * (n.weight.numel() + (
+                n.bias.numel() if n.bias is not None else 0))
+    grads = sum(p.numel() for p in model.parameters() if p.grad is not None)
+    return extra, grads
+
+
 def one_step(model: torch.nn.Module, opt: Any, batch: torch.Tensor) -> float:
     t0 = time.perf_counter()
     model(input_ids=batch, labels=batch).loss.backward()
@@ -138,11 +160,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}x{args.seq},"
           f" slnb {slnb_args or 'defaults'}")
     print("| model | params | AdamW step (s) | SLNB step (s) | time ratio | AdamW peak (MiB) |"
-          " SLNB peak (MiB) | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+          " SLNB peak (MiB) | memory ratio | SLNB all-reduce / gradient all-reduce |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         n_params = sum(p.numel() for p in build(name, args.seq).parameters())
         t = time_models(name, args.steps, args.batch, args.seq, slnb_args)
+        comm = comm_floats(name, args.batch, args.seq, slnb_args)
         mem = {}
         for kind in ("adamw", "slnb"):
             if args.skip_memory:
@@ -155,7 +178,7 @@ def main() -> None:
             mem[kind] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
         print(f"| {name} | {n_params / 1e6:.1f}M | {t['adamw']:.3f} | {t['slnb']:.3f} |"
               f" {t['slnb'] / t['adamw']:.2f} | {mem['adamw']:.0f} | {mem['slnb']:.0f} |"
-              f" {mem['slnb'] / mem['adamw']:.2f} |", flush=True)
+              f" {mem['slnb'] / mem['adamw']:.2f} | {comm[0] / comm[1]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,13 @@ class Net(nn.Module):
         self.emb = nn.Embedding(11, 4)
         self.lin = nn.Linear(4 * 6, 8)
         self.norm = nn.LayerNorm(8)
-        self.out = nn.Linear(8, 2, bias=False)
+        self.wide = nn.Linear(8, 300)  # 300 > 256: its gram is reduced in upper blocks
+        self.out = nn.Linear(300, 2, bias=False)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.conv(x)) + self.emb(idx)[:, :, None]
-        return self.out(self.norm(torch.tanh(self.lin(h.flatten(1)))))
+        h = self.norm(torch.tanh(self.lin(h.flatten(1))))
+        return self.out(torch.tanh(self.wide(h)))
 
 
 def main(out: str, backend: str, micro: int) -> None:
