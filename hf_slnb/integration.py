@@ -43,7 +43,7 @@ from packaging.version import Version
 from transformers.training_args import OptimizerNames, TrainingArguments
 
 from .layers import BACKENDS
-from .optimizer import PAPER_URL, RIDGE_MODES, SLNB
+from .optimizer import PAPER_URL, RIDGE_MODES, SLNB, TRUST_REGIONS
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +134,14 @@ class SLNBTrainingArguments(TrainingArguments):
         choices=list(RIDGE_MODES))
     slnb_trust_region: str = _option(
         "trust_region", "'global' (the paper: one unit step under the metric for the whole "
-        "model; lr is its radius) or 'tensor' (each tensor divided by its metric RMS, as in "
-        "Adam-mini; lr is then an Adam-like per-element step).")
-    slnb_norm_decay: float = _option("norm_decay", "decay of the per-tensor metric RMS (with "
-                                     "trust_region='tensor'), in [0, 1).")
-    slnb_eps: float = _option("eps", "added to the per-tensor metric RMS (with "
-                              "trust_region='tensor'), > 0.")
+        "model; lr is its radius), 'tensor' (each tensor divided by its metric RMS, as in "
+        "Adam-mini) or 'graft' (each tensor's step has Adam's norm and SLNB's direction); with "
+        "'tensor' and 'graft' lr is an Adam-like per-element step.",
+        choices=list(TRUST_REGIONS))
+    slnb_norm_decay: float = _option("norm_decay", "decay of the per-tensor metric RMS "
+                                     "('tensor') or of Adam's squared gradients ('graft'), "
+                                     "in [0, 1).")
+    slnb_eps: float = _option("eps", "added to the per-tensor RMS ('tensor', 'graft'), > 0.")
 
     def __post_init__(self) -> None:
         register()

@@ -20,7 +20,7 @@ PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
 # Hyperparameters that may differ between parameter groups, with their checks.
 RIDGE_MODES = ("absolute", "relative")
-TRUST_REGIONS = ("global", "tensor")
+TRUST_REGIONS = ("global", "tensor", "graft")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
                "ridge", "cg_iters")
 
@@ -109,10 +109,13 @@ class SLNB(Optimizer):
         trust_region: ``"global"`` (the paper: one unit step under the metric for the whole
             model, ``lr`` is its radius) or ``"tensor"`` (each parameter tensor is divided by
             ``sqrt(EMA(<h, g> / numel))``, a per-tensor metric RMS as in Adam-mini, so ``lr`` is
-            an Adam-like per-element step). Default ``"global"``.
-        norm_decay: EMA decay of the per-tensor metric RMS (``trust_region="tensor"``), in
-            ``[0, 1)``. Default 0.999.
-        eps: Added to that RMS (``trust_region="tensor"``), ``> 0``. Default ``1e-8``.
+            an Adam-like per-element step), or ``"graft"`` (Adam grafting, as in Distributed
+            Shampoo: each tensor's step has the norm Adam's step would have and SLNB's
+            direction; identity-metric parameters take Adam's step; ``lr`` is Adam's, and one
+            more state buffer per parameter is kept). Default ``"global"``.
+        norm_decay: EMA decay of the per-tensor metric RMS (``"tensor"``) or of Adam's squared
+            gradients (``"graft"``), in ``[0, 1)``. Default 0.999.
+        eps: Added to that RMS (``"tensor"``, ``"graft"``), ``> 0``. Default ``1e-8``.
         process_group: ``torch.distributed`` group over which statistics are summed in data
             parallel training (default: the world, when initialised).
     """
@@ -390,8 +393,10 @@ class SLNB(Optimizer):
         n = torch.sqrt(torch.clamp(inner, min=self.min_norm**2))
         if self.trust_region == "global":
             scales = [(-group_of[id(p)]["lr"] / n) for p in params]
-        else:
+        elif self.trust_region == "tensor":
             scales = self._tensor_scales(params, inners, group_of)
+        else:
+            hs, scales = self._graft(params, hs, gs, h, group_of)
         self._apply(params, hs, group_of, scales)
 
         numel = sum(p.numel() for p in params)
@@ -499,6 +504,34 @@ class SLNB(Optimizer):
             rms = torch.sqrt(state["metric_sq"] / (1.0 - decay**t))
             scales.append(-group_of[id(p)]["lr"] / (rms + self.eps))
         return scales
+
+    def _graft(self, params: list[Tensor], hs: list[Tensor], gs: list[Tensor],
+               preconditioned: dict[int, Tensor], group_of: dict[int, dict[str, Any]]
+               ) -> tuple[list[Tensor], list[Tensor]]:
+        """Adam grafting: each tensor's step has the norm of Adam's, SLNB's direction.
+
+        Parameters with the identity metric take Adam's step itself. ``norm_decay`` is Adam's
+        ``beta2``, the momentum its ``beta1``.
+        """
+        decay = self.norm_decay
+        out_h, scales = [], []
+        for p, hh, g in zip(params, hs, gs):
+            state = self.state[p]
+            if "exp_avg_sq" not in state:
+                state["exp_avg_sq"] = torch.zeros_like(g)
+            state["exp_avg_sq"].mul_(decay).addcmul_(p.grad, p.grad, value=1.0 - decay)  # type: ignore[arg-type]
+            t = int(state["step"].item())
+            adam = g / (torch.sqrt(state["exp_avg_sq"] / (1.0 - decay**t)) + self.eps)
+            lr = group_of[id(p)]["lr"]
+            if id(p) in preconditioned:
+                ratio = torch.linalg.vector_norm(adam) / torch.clamp(
+                    torch.linalg.vector_norm(hh), min=torch.finfo(hh.dtype).tiny)
+                out_h.append(hh)
+                scales.append(-lr * ratio)
+            else:
+                out_h.append(adam)
+                scales.append(torch.tensor(-lr, dtype=adam.dtype, device=adam.device))
+        return out_h, scales
 
     def _apply(self, params: list[Tensor], hs: list[Tensor], group_of: dict[int, dict[str, Any]],
                scales: list[Tensor]) -> None:

@@ -92,3 +92,33 @@ def test_bad_option(kwargs: dict, message: str) -> None:
     m = nn.Linear(2, 2)
     with pytest.raises(ValueError, match=message):
         SLNB(m.parameters(), model=m, **kwargs)
+
+
+def test_adam_graft_against_dense() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
+    params = list(model.parameters())
+    opt = SLNB(model.parameters(), model=model, trust_region="graft", norm_decay=0.99, eps=1e-8,
+               lr=1e-2, cg_iters=50, cg_tol=0.0, momentum=0.9, weight_decay=0.0, ridge=0.3)
+    xs = [torch.randn(30, 4, dtype=torch.float64) for _ in range(2)]
+    grads: list[list[torch.Tensor]] = []
+    for step, x in enumerate(xs):
+        before = [p.detach().clone() for p in params]
+        model(x).pow(3).mean().backward()
+        grads.append([p.grad.clone() for p in params])
+        opt.step()
+        opt.zero_grad()
+        t = step + 1
+        m = [sum(0.1 * 0.9 ** (t - 1 - i) * grads[i][k] for i in range(t)) / (1 - 0.9**t)
+             for k in range(4)]
+        v = [sum(0.01 * 0.99 ** (t - 1 - i) * grads[i][k] ** 2 for i in range(t)) / (1 - 0.99**t)
+             for k in range(4)]
+        adam = [mk / (vk.sqrt() + 1e-8) for mk, vk in zip(m, v)]
+        hw, hb = _dense_solution(x, m[0], m[1], 0.3) if t == 1 else (None, None)
+        if t == 1:  # the converged solve on this step's inputs
+            for k, h in ((0, hw), (1, hb)):
+                expected = before[k] - 1e-2 * h * adam[k].norm() / h.norm()
+                torch.testing.assert_close(params[k].detach(), expected, rtol=1e-9, atol=1e-12)
+        for k in (2, 3):  # LayerNorm: Adam's own step
+            torch.testing.assert_close(params[k].detach(), before[k] - 1e-2 * adam[k],
+                                       rtol=1e-9, atol=1e-12)
