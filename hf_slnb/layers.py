@@ -108,6 +108,8 @@ class Neuron:
     kind = "neuron"
     supports_explicit = True
     supports_matrix_free = True
+    #: Axes of the weight that one output unit's row spans (for per-row step sizes).
+    row_dims: tuple[int, ...] = ()
 
     def __init__(
         self, name: str, module: nn.Module, weight: Tensor, bias: Tensor | None, backend: str
@@ -192,6 +194,10 @@ class LinearNeuron(Neuron):
 
     kind = "linear"
     features_last = True  # weight (out, in)
+
+    @property
+    def row_dims(self) -> tuple[int, ...]:
+        return (1,) if self.features_last else (0,)
 
     @property
     def num_features(self) -> int:
@@ -283,6 +289,7 @@ class EmbeddingNeuron(Neuron):
 
     kind = "embedding"
     supports_matrix_free = False
+    row_dims = (0,)  # weight (vocab, dim): an output unit is a column
 
     @property
     def num_features(self) -> int:
@@ -324,6 +331,10 @@ class ConvNeuron(Neuron):
 
     kind = "conv"
     supports_explicit = False
+
+    @property
+    def row_dims(self) -> tuple[int, ...]:
+        return tuple(range(1, self.weight.dim()))
 
     @property
     def num_features(self) -> int:

@@ -20,7 +20,7 @@ PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
 # Hyperparameters that may differ between parameter groups, with their checks.
 RIDGE_MODES = ("absolute", "relative")
-TRUST_REGIONS = ("global", "tensor", "graft")
+TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
                "ridge", "cg_iters")
 
@@ -112,7 +112,8 @@ class SLNB(Optimizer):
             an Adam-like per-element step), or ``"graft"`` (Adam grafting, as in Distributed
             Shampoo: each tensor's step has the norm Adam's step would have and SLNB's
             direction; identity-metric parameters take Adam's step; ``lr`` is Adam's, and one
-            more state buffer per parameter is kept). Default ``"global"``.
+            more state buffer per parameter is kept), or ``"graft_row"`` (the same with Adam's
+            norm per output unit's row of each layer's weight). Default ``"global"``.
         norm_decay: EMA decay of the per-tensor metric RMS (``"tensor"``) or of Adam's squared
             gradients (``"graft"``), in ``[0, 1)``. Default 0.999.
         eps: Added to that RMS (``"tensor"``, ``"graft"``), ``> 0``. Default ``1e-8``.
@@ -206,6 +207,7 @@ class SLNB(Optimizer):
         self._last: dict[str, Tensor | float] = {}
         self._names = self._parameter_names(model)
         self.neurons: list[Neuron] = self._find_neurons(model, patterns)
+        self._neuron_of = {id(n.weight): n for n in self.neurons}
         self._handles = [
             n.module.register_forward_hook(self._make_hook(n), with_kwargs=True)
             for n in self.neurons
@@ -523,9 +525,17 @@ class SLNB(Optimizer):
             t = int(state["step"].item())
             adam = g / (torch.sqrt(state["exp_avg_sq"] / (1.0 - decay**t)) + self.eps)
             lr = group_of[id(p)]["lr"]
-            if id(p) in preconditioned:
+            tiny = torch.finfo(hh.dtype).tiny
+            neuron = self._neuron_of.get(id(p))
+            if neuron is not None and id(p) in preconditioned and self.trust_region == "graft_row":
+                dims = neuron.row_dims
+                ratio = torch.linalg.vector_norm(adam, dim=dims, keepdim=True) / torch.clamp(
+                    torch.linalg.vector_norm(hh, dim=dims, keepdim=True), min=tiny)
+                out_h.append(hh * ratio)
+                scales.append(torch.tensor(-lr, dtype=adam.dtype, device=adam.device))
+            elif id(p) in preconditioned:
                 ratio = torch.linalg.vector_norm(adam) / torch.clamp(
-                    torch.linalg.vector_norm(hh), min=torch.finfo(hh.dtype).tiny)
+                    torch.linalg.vector_norm(hh), min=tiny)
                 out_h.append(hh)
                 scales.append(-lr * ratio)
             else:

@@ -122,3 +122,31 @@ def test_adam_graft_against_dense() -> None:
         for k in (2, 3):  # LayerNorm: Adam's own step
             torch.testing.assert_close(params[k].detach(), before[k] - 1e-2 * adam[k],
                                        rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("hf_conv1d", [False, True])
+def test_adam_graft_per_row_against_dense(hf_conv1d: bool) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer: nn.Module = Conv1D(3, 4) if hf_conv1d else nn.Linear(4, 3)
+    layer.double()
+    x = torch.randn(30, 4, dtype=torch.float64)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = SLNB(layer.parameters(), model=layer, trust_region="graft_row", norm_decay=0.99,
+               eps=1e-8, lr=1e-2, cg_iters=50, cg_tol=0.0, momentum=0.0, weight_decay=0.0,
+               ridge=0.3)
+    layer(x).pow(3).mean().backward()
+    gw = layer.weight.grad.clone()
+    gb = layer.bias.grad.clone()
+    opt.step()
+    gw_rows = gw.T if hf_conv1d else gw  # (out, in)
+    hw, hb = _dense_solution(x, gw_rows, gb, 0.3)
+    adam_w = gw_rows / (gw_rows.abs() + 1e-8)  # step 1: m / sqrt(v) = g / |g|
+    adam_b = gb / (gb.abs() + 1e-8)
+    expected_w = hw * adam_w.norm(dim=1, keepdim=True) / hw.norm(dim=1, keepdim=True)
+    expected_b = hb * adam_b.norm() / hb.norm()  # the bias is grafted as one tensor
+    got_w = (layer.weight.detach() - w0) / -1e-2
+    torch.testing.assert_close(got_w.T if hf_conv1d else got_w, expected_w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close((layer.bias.detach() - b0) / -1e-2, expected_b, rtol=1e-9,
+                               atol=1e-12)
