@@ -43,7 +43,7 @@ from packaging.version import Version
 from transformers.training_args import OptimizerNames, TrainingArguments
 
 from .layers import BACKENDS
-from .optimizer import PAPER_URL, RIDGE_MODES, SLNB, TRUST_REGIONS
+from .optimizer import PAPER_URL, PRESETS, RIDGE_MODES, SLNB, TRUST_REGIONS
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,22 @@ _FALSE = ("false", "0", "no", "n", "off")
 
 
 def _slnb_default(name: str) -> Any:
-    """The default of one :class:`SLNB` constructor argument (the single source of truth)."""
+    """The default of one :class:`SLNB` constructor argument (the single source of truth).
+
+    ``None`` means "the preset's value" (see :func:`resolved_option`).
+    """
     return inspect.signature(SLNB).parameters[name].default
+
+
+def resolved_option(name: str, kwargs: dict[str, Any]) -> Any:
+    """The value :class:`SLNB` will use for ``name`` given these keyword arguments."""
+    value = kwargs.get(name)
+    if value is not None:
+        return value
+    default = _slnb_default(name)
+    if default is None:
+        return PRESETS[kwargs.get("preset") or _slnb_default("preset")].get(name)
+    return default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,10 +109,16 @@ class SLNBTrainingArguments(TrainingArguments):
     )
     learning_rate: float = field(
         default=5e-5,
-        metadata={"help": "The initial learning rate. With --optim slnb it is SLNB's trust-region "
-                  "radius (the length of each update in the metric); left at 5e-05 (Adam's "
-                  f"default), SLNB's own default lr ({_slnb_default('lr')}) is used instead."},
+        metadata={"help": "The initial learning rate. With --optim slnb's default preset "
+                  "('graft') it is an Adam-like step, as for AdamW. With --slnb_preset paper it is "
+                  "SLNB's trust-region radius (the length of each update in the metric), and left "
+                  f"at 5e-05 (Adam's default) the paper's lr ({PRESETS['paper']['lr']}) is used "
+                  "instead."},
     )
+    slnb_preset: str = _option(
+        "preset", "'graft' (default: SLNB's direction, damped ridge, Adam's step size per "
+        "output row) or 'paper' (the published algorithm exactly). Sets lr, ridge, ridge_mode "
+        "and trust_region unless they are given.", choices=list(PRESETS))
     slnb_momentum: float = _option("momentum", "decay beta_g of the gradient's moving average, "
                                    "in [0, 1).")
     slnb_mean_decay: float = _option("mean_decay", "decay of the moving average of each layer's "
@@ -317,10 +337,7 @@ def _check_setup(args: TrainingArguments) -> None:
 
 def _lr_is_radius(args: TrainingArguments) -> bool:
     """Whether lr is a trust-region radius (not an Adam-like step, as with a per-tensor one)."""
-    param = inspect.signature(SLNB).parameters.get("trust_region")
-    if param is None:
-        return True
-    return bool(slnb_optimizer_kwargs(args).get("trust_region", param.default) == "global")
+    return bool(resolved_option("trust_region", slnb_optimizer_kwargs(args)) == "global")
 
 
 def _resolve_learning_rate(args: TrainingArguments) -> None:
@@ -329,7 +346,7 @@ def _resolve_learning_rate(args: TrainingArguments) -> None:
     spec = fields.get("learning_rate")
     if spec is None or args.learning_rate != spec.default or not _lr_is_radius(args):
         return
-    lr = _slnb_default("lr")
+    lr = resolved_option("lr", slnb_optimizer_kwargs(args))
     args.learning_rate = lr
     if int(os.environ.get("RANK", "0") or 0) == 0:
         logger.warning(
@@ -436,9 +453,9 @@ def _trainer_log(self: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -
 def card_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
     """Every SLNB hyperparameter the Trainer uses with ``args`` (given or default)."""
     values: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    kwargs = slnb_optimizer_kwargs(args)
     for name in _option_types():
-        values[name] = _slnb_default(name)
-    values.update(slnb_optimizer_kwargs(args))
+        values[name] = resolved_option(name, kwargs)
     values["skip_modules"] = list(values["skip_modules"])
     return values
 

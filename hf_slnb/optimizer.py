@@ -20,6 +20,15 @@ PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
 # Hyperparameters that may differ between parameter groups, with their checks.
 RIDGE_MODES = ("absolute", "relative")
+
+#: Values of the hyperparameters a preset sets (any of them given explicitly wins).
+#: ``paper`` is ALGORITHM.md exactly; ``graft`` (the default) is chosen by the ablations in
+#: BENCHMARKS.md: SLNB's direction with a damped (relative) ridge and Adam's step size per
+#: output row.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"lr": 0.1, "ridge": 0.1, "ridge_mode": "absolute", "trust_region": "global"},
+    "graft": {"lr": 3e-3, "ridge": 1.0, "ridge_mode": "relative", "trust_region": "graft_row"},
+}
 TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
                "ridge", "cg_iters")
@@ -82,13 +91,22 @@ class SLNB(Optimizer):
             weight's group).
         model: The module whose layers are hooked to capture their inputs. It must own every
             parameter in ``params``.
-        lr: Trust-region radius of the step, ``>= 0``. Default ``0.1``.
+        preset: ``"graft"`` (default) or ``"paper"``: the values of ``lr``, ``ridge``,
+            ``ridge_mode`` and ``trust_region`` left at ``None``. ``"paper"`` is the published
+            algorithm (ALGORITHM.md) exactly: ``lr=0.1``, ``ridge=0.1``, absolute ridge, one
+            global trust region. ``"graft"`` keeps SLNB's direction with a damped ridge and
+            Adam's step size per output row: ``lr=3e-3``, ``ridge=1.0``, relative ridge,
+            ``trust_region="graft_row"`` (see BENCHMARKS.md for the ablations behind it).
+        lr: With ``trust_region="global"`` the trust-region radius of the step (the metric
+            length of the update, 0.05-1 is reasonable); with the graft and tensor regions an
+            Adam-like per-element step. ``>= 0``. Default: the preset's.
         momentum: Decay ``beta_g`` of the gradient's moving average, in ``[0, 1)``. Default 0.9.
         mean_decay: Decay of the feature-mean EMA, in ``[0, 1)``. Default 0.9.
         sq_mean_decay: Decay of the feature-mean-square EMA, in ``[0, 1)``. Default 0.999.
         shrinkage: Share ``s`` of the mean variance mixed into each feature's variance in the
             preconditioner, in ``[0, 1)``. Default 0.1.
-        ridge: ``gamma``, added to the metric on weights (never biases), ``>= 0``. Default 0.1.
+        ridge: ``gamma``, added to the metric on weights (never biases), ``>= 0``. Default: the
+            preset's (paper 0.1, graft 1.0).
         cg_iters: PCG iterations per neuron and step, integer ``>= 0`` (0 keeps the warm
             start). Default 2.
         min_norm: Floor of the step's metric norm ``n``, ``> 0``. Default ``1e-2``.
@@ -105,7 +123,7 @@ class SLNB(Optimizer):
             Default ``1e-5``.
         ridge_mode: ``"absolute"`` (the paper: ``gamma = ridge``) or ``"relative"``
             (``gamma = ridge * mean(nu)``, the layer's mean feature second moment, so that the
-            metric is invariant to a rescaling of a layer's inputs). Default ``"absolute"``.
+            metric is invariant to a rescaling of a layer's inputs). Default: the preset's.
         trust_region: ``"global"`` (the paper: one unit step under the metric for the whole
             model, ``lr`` is its radius) or ``"tensor"`` (each parameter tensor is divided by
             ``sqrt(EMA(<h, g> / numel))``, a per-tensor metric RMS as in Adam-mini, so ``lr`` is
@@ -113,7 +131,7 @@ class SLNB(Optimizer):
             Shampoo: each tensor's step has the norm Adam's step would have and SLNB's
             direction; identity-metric parameters take Adam's step; ``lr`` is Adam's, and one
             more state buffer per parameter is kept), or ``"graft_row"`` (the same with Adam's
-            norm per output unit's row of each layer's weight). Default ``"global"``.
+            norm per output unit's row of each layer's weight). Default: the preset's.
         norm_decay: EMA decay of the per-tensor metric RMS (``"tensor"``) or of Adam's squared
             gradients (``"graft"``), in ``[0, 1)``. Default 0.999.
         eps: Added to that RMS (``"tensor"``, ``"graft"``), ``> 0``. Default ``1e-8``.
@@ -126,12 +144,13 @@ class SLNB(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
         model: nn.Module,
-        lr: float = 0.1,
+        preset: str = "graft",
+        lr: float | None = None,
         momentum: float = 0.9,
         mean_decay: float = 0.9,
         sq_mean_decay: float = 0.999,
         shrinkage: float = 0.1,
-        ridge: float = 0.1,
+        ridge: float | None = None,
         cg_iters: int = 2,
         min_norm: float = 1e-2,
         weight_decay: float = 1e-4,
@@ -140,12 +159,20 @@ class SLNB(Optimizer):
         skip_modules: Sequence[str] = (),
         metric_backend: str = "auto",
         cg_tol: float = 1e-5,
-        ridge_mode: str = "absolute",
-        trust_region: str = "global",
+        ridge_mode: str | None = None,
+        trust_region: str | None = None,
         norm_decay: float = 0.999,
         eps: float = 1e-8,
         process_group: object | None = None,
     ) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"Invalid preset={preset!r}: must be one of {tuple(PRESETS)}.")
+        chosen = PRESETS[preset]
+        lr = chosen["lr"] if lr is None else lr
+        ridge = chosen["ridge"] if ridge is None else ridge
+        ridge_mode = chosen["ridge_mode"] if ridge_mode is None else ridge_mode
+        trust_region = chosen["trust_region"] if trust_region is None else trust_region
+        self.preset = preset
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, mean_decay=mean_decay,
             sq_mean_decay=sq_mean_decay, shrinkage=shrinkage, ridge=ridge, cg_iters=cg_iters,

@@ -526,9 +526,11 @@ def test_reference_tied_embedding_owned_by_lm_head() -> None:
 # ---------------------------------------------------------------------------- SLNB vs reference
 def _slnb_cls() -> type:
     """The implementation under test (imported lazily so the reference self-checks run alone)."""
+    import functools
+
     from hf_slnb import SLNB
 
-    return SLNB
+    return functools.partial(SLNB, preset="paper")  # the published algorithm, number for number
 
 
 def _describe_diff(model_f: nn.Module, model_r: nn.Module, start: dict[str, torch.Tensor]) -> str:

@@ -43,6 +43,7 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import hf_slnb
+from hf_slnb.optimizer import PRESETS
 from hf_slnb import SLNB, integration
 from hf_slnb.integration import SLNBTrainingArguments, parse_optim_args
 
@@ -267,16 +268,19 @@ def test_unsupported_transformers_version(monkeypatch) -> None:
 # Learning rate: a right first experience
 # ---------------------------------------------------------------------------------------------
 def test_default_learning_rate_becomes_slnb_default(tmp_path: Path, caplog) -> None:
-    slnb_lr = inspect.signature(SLNB).parameters["lr"].default
+    # The default preset ('graft') takes Adam-like steps: the Trainer's lr means what it means
+    # for AdamW and is kept.
+    assert args_for(tmp_path).learning_rate == 5e-5
+    assert args_for(tmp_path, optim_args="trust_region=tensor").learning_rate == 5e-5
+    # The paper's preset: lr is a trust-region radius, so the Adam default is replaced.
+    paper_lr = PRESETS["paper"]["lr"]
     with caplog.at_level(logging.WARNING, logger="hf_slnb.integration"):
-        assert args_for(tmp_path).learning_rate == slnb_lr
+        assert args_for(tmp_path, optim_args="preset=paper").learning_rate == paper_lr
     assert "--learning_rate was not given" in caplog.text
-    assert args_for(tmp_path, learning_rate=0.3).learning_rate == 0.3
+    assert args_for(tmp_path, optim_args="preset=paper", learning_rate=0.3).learning_rate == 0.3
     assert args_for(tmp_path, optim="adamw_torch").learning_rate == 5e-5
-    assert args_for(tmp_path, Seq2SeqTrainingArguments).learning_rate == slnb_lr
-    if "trust_region" in inspect.signature(SLNB).parameters:  # lr Adam-like: the default stays
-        args = args_for(tmp_path, optim_args="trust_region=tensor")
-        assert args.learning_rate == 5e-5
+    assert args_for(tmp_path, Seq2SeqTrainingArguments,
+                    optim_args="preset=paper").learning_rate == paper_lr
 
 
 def _final_loss(tmp_path: Path, optim: str) -> float:
@@ -361,9 +365,10 @@ def test_schedule_and_warmup_act_on_slnb_lr(tmp_path: Path) -> None:
         trainer.train()
         return max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters())
 
-    assert moved(lr_scheduler_type="constant") > 1e-3
-    # Warm-up from 0 over a million steps: the two steps use lr 0 and 1e-7.
-    assert moved(lr_scheduler_type="constant_with_warmup", warmup_steps=10**6) < 1e-6
+    assert moved(lr_scheduler_type="constant", learning_rate=1e-2) > 1e-3
+    # Warm-up from 0 over a million steps: the two steps use lr 0 and 1e-8.
+    assert moved(lr_scheduler_type="constant_with_warmup", warmup_steps=10**6,
+                 learning_rate=1e-2) < 1e-6
 
 
 def _train_weights(tmp_path: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -447,7 +452,8 @@ def test_model_card_names_slnb(tmp_path: Path) -> None:
     assert card.count("## Optimizer") == 1
     assert "https://arxiv.org/abs/2502.01131" in card
     assert "- optimizer: SLNB (Simple Linear Neuron Boosting" in card
-    assert "| `cg_iters` | `3` |" in card and "| `lr` | `0.1` |" in card
+    assert "| `cg_iters` | `3` |" in card and "| `lr` | `5e-05` |" in card
+    assert "| `preset` | `'graft'` |" in card or "| `preset` | `graft` |" in card
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +510,7 @@ def test_trl_sft_trainer(tmp_path: Path) -> None:
     model = tiny_gpt2()
     before = snapshot(model)
     args = args_for(tmp_path, trl.SFTConfig, max_length=SEQ, max_steps=2)
-    assert args.learning_rate == inspect.signature(SLNB).parameters["lr"].default  # not 2e-5
+    assert args.learning_rate == 2e-5  # SFTConfig's own default, kept (Adam-like lr)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
                              processing_class=tokenizer)
     trainer.train()
@@ -570,7 +576,7 @@ def _check_run(out: Path, proc: subprocess.CompletedProcess, world_size: int) ->
     info = json.loads((out / "run_info.json").read_text())
     assert "SLNB" in info["optimizer_mro"]
     assert info["world_size"] == world_size
-    assert info["learning_rate"] == inspect.signature(SLNB).parameters["lr"].default
+    assert info["learning_rate"] == 5e-5  # the default preset keeps the Trainer's lr
     logged = [h for h in info["log_history"] if "loss" in h]
     assert len(logged) == 2 and all(k in h for h in logged for k in DIAGNOSTICS)
     assert "arxiv.org/abs/2502.01131" in (out / "README.md").read_text()

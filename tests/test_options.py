@@ -32,7 +32,7 @@ def _dense_solution(x: torch.Tensor, grad_w: torch.Tensor, grad_b: torch.Tensor,
 def test_ridge_mode_against_dense_solve(mode: str) -> None:
     lin, x, y = _setup()
     before_w, before_b = lin.weight.detach().clone(), lin.bias.detach().clone()
-    opt = SLNB(lin.parameters(), model=lin, ridge=0.5, ridge_mode=mode, cg_iters=50, cg_tol=0.0,
+    opt = SLNB(lin.parameters(), model=lin, preset="paper", ridge=0.5, ridge_mode=mode, cg_iters=50, cg_tol=0.0,
                momentum=0.0, weight_decay=0.0, lr=0.2)
     ((lin(x) - y) ** 2).mean().backward()
     gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
@@ -51,7 +51,7 @@ def test_relative_ridge_is_invariant_to_input_scale() -> None:
     with torch.no_grad():
         scaled.weight.copy_(lin.weight / 100.0)
         scaled.bias.copy_(lin.bias)
-    kw = dict(ridge=0.1, ridge_mode="relative", cg_iters=50, cg_tol=0.0, weight_decay=0.0,
+    kw = dict(preset="paper", ridge=0.1, ridge_mode="relative", cg_iters=50, cg_tol=0.0, weight_decay=0.0,
               shrinkage=0.0)
     oa, ob = SLNB(lin.parameters(), model=lin, **kw), SLNB(scaled.parameters(), model=scaled, **kw)
     for _ in range(3):
@@ -69,7 +69,7 @@ def test_tensor_trust_region_against_dense() -> None:
     model.double()
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    opt = SLNB(model.parameters(), model=model, trust_region="tensor", norm_decay=0.9, eps=1e-8,
+    opt = SLNB(model.parameters(), model=model, preset="paper", trust_region="tensor", norm_decay=0.9, eps=1e-8,
                lr=1e-2, cg_iters=50, cg_tol=0.0, momentum=0.0, weight_decay=0.0, ridge=0.3)
     model(x).pow(3).mean().backward()
     grads = [p.grad.clone() for p in params]
@@ -87,6 +87,7 @@ def test_tensor_trust_region_against_dense() -> None:
     ({"norm_decay": 1.0}, r"Invalid norm_decay=1\.0"),
     ({"eps": 0.0}, r"Invalid eps=0\.0"),
     ({"ridge_mode": "scaled"}, r"Invalid ridge_mode='scaled'"),
+    ({"preset": "adam"}, r"Invalid preset='adam': must be one of \('paper', 'graft'\)"),
 ])
 def test_bad_option(kwargs: dict, message: str) -> None:
     m = nn.Linear(2, 2)
@@ -98,7 +99,7 @@ def test_adam_graft_against_dense() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).double()
     params = list(model.parameters())
-    opt = SLNB(model.parameters(), model=model, trust_region="graft", norm_decay=0.99, eps=1e-8,
+    opt = SLNB(model.parameters(), model=model, preset="paper", trust_region="graft", norm_decay=0.99, eps=1e-8,
                lr=1e-2, cg_iters=50, cg_tol=0.0, momentum=0.9, weight_decay=0.0, ridge=0.3)
     xs = [torch.randn(30, 4, dtype=torch.float64) for _ in range(2)]
     grads: list[list[torch.Tensor]] = []
@@ -133,7 +134,8 @@ def test_adam_graft_per_row_against_dense(hf_conv1d: bool) -> None:
     layer.double()
     x = torch.randn(30, 4, dtype=torch.float64)
     w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
-    opt = SLNB(layer.parameters(), model=layer, trust_region="graft_row", norm_decay=0.99,
+    opt = SLNB(layer.parameters(), model=layer, preset="paper", trust_region="graft_row",
+               norm_decay=0.99,
                eps=1e-8, lr=1e-2, cg_iters=50, cg_tol=0.0, momentum=0.0, weight_decay=0.0,
                ridge=0.3)
     layer(x).pow(3).mean().backward()
@@ -150,3 +152,15 @@ def test_adam_graft_per_row_against_dense(hf_conv1d: bool) -> None:
     torch.testing.assert_close(got_w.T if hf_conv1d else got_w, expected_w, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close((layer.bias.detach() - b0) / -1e-2, expected_b, rtol=1e-9,
                                atol=1e-12)
+
+
+def test_presets_set_only_what_is_not_given() -> None:
+    m = nn.Linear(2, 2)
+    paper = SLNB(m.parameters(), model=m, preset="paper")
+    graft = SLNB(m.parameters(), model=m)
+    mixed = SLNB(m.parameters(), model=m, preset="paper", ridge=0.7)
+    assert (paper.defaults["lr"], paper.defaults["ridge"], paper.trust_region,
+            paper.ridge_mode) == (0.1, 0.1, "global", "absolute")
+    assert (graft.defaults["lr"], graft.defaults["ridge"], graft.trust_region,
+            graft.ridge_mode) == (3e-3, 1.0, "graft_row", "relative")
+    assert mixed.defaults["ridge"] == 0.7 and mixed.trust_region == "global"

@@ -128,7 +128,8 @@ def test_neuron_without_input_falls_back_to_identity() -> None:
     lin = nn.Linear(3, 2)
     other = nn.Linear(3, 3)
     model = nn.ModuleDict({"lin": lin, "other": other})
-    opt = SLNB(model.parameters(), model=model, momentum=0.0, weight_decay=0.0, lr=0.5)
+    opt = SLNB(model.parameters(), model=model, preset="paper", momentum=0.0, weight_decay=0.0,
+               lr=0.5)
     x = torch.randn(10, 3)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     # `lin` is used functionally: it gets gradients but its forward hook never fires.
@@ -263,8 +264,9 @@ def test_no_memory_growth_over_1000_steps() -> None:
     assert counts[1] <= counts[0]
     state_numel = sum(v.numel() for s in opt.state.values() for v in s.values())
     n_params = sum(p.numel() for p in m.parameters())
-    # momentum + solution per element, a step per tensor, mu/nu per feature, a count per layer
-    assert state_numel == 2 * n_params + 4 + 2 * (4 + 8) + 2
+    # momentum, solution and Adam's second moment (graft) per element, a step per tensor,
+    # mu/nu per feature, a count per layer
+    assert state_numel == 3 * n_params + 4 + 2 * (4 + 8) + 2
 
 
 def test_nonfinite_gradient_skips_the_step_and_names_the_parameter() -> None:
