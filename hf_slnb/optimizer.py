@@ -23,11 +23,13 @@ RIDGE_MODES = ("absolute", "relative")
 
 #: Values of the hyperparameters a preset sets (any of them given explicitly wins).
 #: ``paper`` is ALGORITHM.md exactly; ``graft`` (the default) is chosen by the ablations in
-#: BENCHMARKS.md: SLNB's direction with a damped (relative) ridge and Adam's step size per
-#: output row.
+#: BENCHMARKS.md: SLNB's diagonal incomplete-Cholesky direction with Adam's step size per
+#: output row (its ridge settings apply when ``diagonal_only=False`` is asked for).
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"lr": 0.1, "ridge": 0.1, "ridge_mode": "absolute", "trust_region": "global"},
-    "graft": {"lr": 3e-3, "ridge": 1.0, "ridge_mode": "relative", "trust_region": "graft_row"},
+    "paper": {"lr": 0.1, "ridge": 0.1, "ridge_mode": "absolute", "trust_region": "global",
+              "diagonal_only": False},
+    "graft": {"lr": 3e-3, "ridge": 1.0, "ridge_mode": "relative", "trust_region": "graft_row",
+              "diagonal_only": True},
 }
 TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
@@ -92,11 +94,13 @@ class SLNB(Optimizer):
         model: The module whose layers are hooked to capture their inputs. It must own every
             parameter in ``params``.
         preset: ``"graft"`` (default) or ``"paper"``: the values of ``lr``, ``ridge``,
-            ``ridge_mode`` and ``trust_region`` left at ``None``. ``"paper"`` is the published
-            algorithm (ALGORITHM.md) exactly: ``lr=0.1``, ``ridge=0.1``, absolute ridge, one
-            global trust region. ``"graft"`` keeps SLNB's direction with a damped ridge and
-            Adam's step size per output row: ``lr=3e-3``, ``ridge=1.0``, relative ridge,
-            ``trust_region="graft_row"`` (see BENCHMARKS.md for the ablations behind it).
+            ``ridge_mode``, ``trust_region`` and ``diagonal_only`` left at ``None``.
+            ``"paper"`` is the published algorithm (ALGORITHM.md) exactly: ``lr=0.1``,
+            ``ridge=0.1``, absolute ridge, one global trust region, PCG. ``"graft"`` keeps
+            SLNB's diagonal preconditioner and takes Adam's step size per output row:
+            ``lr=3e-3``, ``trust_region="graft_row"``, ``diagonal_only=True`` (and ``ridge=1.0``,
+            relative, for PCG if ``diagonal_only=False`` is given). BENCHMARKS.md has the
+            ablations behind it.
         lr: With ``trust_region="global"`` the trust-region radius of the step (the metric
             length of the update, 0.05-1 is reasonable); with the graft and tensor regions an
             Adam-like per-element step. ``>= 0``. Default: the preset's.
@@ -111,7 +115,8 @@ class SLNB(Optimizer):
             start). Default 2.
         min_norm: Floor of the step's metric norm ``n``, ``> 0``. Default ``1e-2``.
         weight_decay: Decoupled weight decay ``lambda``, ``>= 0``. Default ``1e-4``.
-        diagonal_only: Skip PCG and use ``h = P g`` (cheaper, approximate). Default False.
+        diagonal_only: Skip PCG and use ``h = P g`` (no second moments, no PCG: about the cost
+            of AdamW). Default: the preset's (paper False, graft True).
         precondition_embeddings: Give ``nn.Embedding`` its exact one-hot metric (a diagonal of
             token frequencies). Default True.
         skip_modules: Regular expressions; a module whose qualified name matches one
@@ -154,7 +159,7 @@ class SLNB(Optimizer):
         cg_iters: int = 2,
         min_norm: float = 1e-2,
         weight_decay: float = 1e-4,
-        diagonal_only: bool = False,
+        diagonal_only: bool | None = None,
         precondition_embeddings: bool = True,
         skip_modules: Sequence[str] = (),
         metric_backend: str = "auto",
@@ -172,6 +177,7 @@ class SLNB(Optimizer):
         ridge = chosen["ridge"] if ridge is None else ridge
         ridge_mode = chosen["ridge_mode"] if ridge_mode is None else ridge_mode
         trust_region = chosen["trust_region"] if trust_region is None else trust_region
+        diagonal_only = chosen["diagonal_only"] if diagonal_only is None else diagonal_only
         self.preset = preset
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, mean_decay=mean_decay,

@@ -105,6 +105,47 @@ def evaluate(model: torch.nn.Module, eval_data: torch.Tensor) -> float:
     return statistics.mean(losses)
 
 
+def summarize(path: str) -> str:
+    """A markdown table of every run in ``path``: mean over seeds, steps to AdamW's best final loss."""
+    runs = [json.loads(line) for line in open(path)]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["tag"] or r["opt"], r["lr"]), []).append(r)
+    adamw = [statistics.mean(x["final_eval"] for x in v) for (t, _), v in groups.items()
+             if t == "adamw"]
+    target = min(adamw) if adamw else float("nan")
+    adamw_step = min(statistics.mean(x["median_step_s"] for x in v)
+                     for (t, _), v in groups.items() if t == "adamw") if adamw else float("nan")
+
+    def steps_to(r: dict[str, Any]) -> float:
+        prev_s, prev_l = 0, float("inf")
+        for s, loss in r["eval"]:
+            if loss <= target:
+                if prev_l == float("inf"):
+                    return float(s)
+                return prev_s + (s - prev_s) * (prev_l - target) / (prev_l - loss)
+            prev_s, prev_l = s, loss
+        return float("nan")
+
+    lines = [f"AdamW's best final eval loss (mean over its seeds): {target:.3f}", "",
+             "| variant | options | lr | seeds | eval loss @200 | final eval loss (400) |"
+             " steps to AdamW's best | max train loss after step 10 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (tag, lr), v in sorted(groups.items(), key=lambda kv: statistics.mean(
+            x["final_eval"] for x in kv[1])):
+        at200 = statistics.mean(dict(x["eval"]).get(200, float("nan")) for x in v)
+        final = statistics.mean(x["final_eval"] for x in v)
+        reach = [steps_to(x) for x in v]
+        reach_s = "/".join("-" if math.isnan(x) else f"{x:.0f}" for x in reach)
+        opts = ",".join(f"{k}={val}" for k, val in v[0]["slnb_args"].items()) or "-"
+        if v[0]["clip"]:
+            opts += f", clip {v[0]['clip']}"
+        lines.append(f"| {tag} | {opts} | {lr:g} | {len(v)} | {at200:.3f} | {final:.3f} |"
+                     f" {reach_s} | {statistics.mean(x['max_train'] for x in v):.2f} |")
+    del adamw_step
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--opt", choices=["adamw", "slnb"], default="slnb")
@@ -115,7 +156,11 @@ def main() -> None:
     parser.add_argument("--slnb-args", default="")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", default="outputs/ablate_llama.jsonl")
+    parser.add_argument("--summarize", action="store_true", help="print the table of --out")
     args = parser.parse_args()
+    if args.summarize:
+        print(summarize(args.out))
+        return
     raw = torch.tensor(list(corpus_bytes()), dtype=torch.long)
     split = int(0.98 * raw.numel())
     data = raw[:split]

@@ -42,8 +42,8 @@ def _train(model: nn.Module, opt: SLNB, steps: int, micro: int = 1, start: int =
 @pytest.mark.parametrize("backend", ["explicit", "matrix_free"])
 def test_gradient_accumulation_equals_one_batch(backend: str) -> None:
     a, b = _mlp(), _mlp()
-    oa = SLNB(a.parameters(), model=a, metric_backend=backend)
-    ob = SLNB(b.parameters(), model=b, metric_backend=backend)
+    oa = SLNB(a.parameters(), model=a, metric_backend=backend, diagonal_only=False)
+    ob = SLNB(b.parameters(), model=b, metric_backend=backend, diagonal_only=False)
     _train(a, oa, 6, micro=1)
     _train(b, ob, 6, micro=3)
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-11, atol=1e-12)
@@ -51,8 +51,9 @@ def test_gradient_accumulation_equals_one_batch(backend: str) -> None:
 
 def test_backends_agree() -> None:
     a, b = _mlp(), _mlp()
-    oa = SLNB(a.parameters(), model=a, metric_backend="explicit", cg_iters=3)
-    ob = SLNB(b.parameters(), model=b, metric_backend="matrix_free", cg_iters=3)
+    oa = SLNB(a.parameters(), model=a, metric_backend="explicit", cg_iters=3, diagonal_only=False)
+    ob = SLNB(b.parameters(), model=b, metric_backend="matrix_free", cg_iters=3,
+              diagonal_only=False)
     _train(a, oa, 8)
     _train(b, ob, 8)
     torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-11, atol=1e-12)
@@ -93,7 +94,8 @@ def test_gradient_checkpointing_counts_once(reentrant: bool) -> None:
     b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     a.train()
     b.train()
-    oa, ob = SLNB(a.parameters(), model=a), SLNB(b.parameters(), model=b)
+    oa = SLNB(a.parameters(), model=a, diagonal_only=False)
+    ob = SLNB(b.parameters(), model=b, diagonal_only=False)
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
         ids = torch.randint(0, 40, (3, 12), generator=g)
@@ -187,14 +189,14 @@ def test_bf16_autocast_keeps_float32_statistics() -> None:
 def test_bf16_parameters_keep_float32_state_across_checkpoint() -> None:
     torch.manual_seed(0)
     m = nn.Linear(4, 3).to(torch.bfloat16)
-    opt = SLNB(m.parameters(), model=m)
+    opt = SLNB(m.parameters(), model=m, diagonal_only=False)
     m(torch.randn(5, 4, dtype=torch.bfloat16)).float().sum().backward()
     opt.step()
     sd = copy.deepcopy(opt.state_dict())
     m2 = copy.deepcopy(m)
-    opt2 = SLNB(m2.parameters(), model=m2)
+    opt2 = SLNB(m2.parameters(), model=m2, diagonal_only=False)
     opt2.load_state_dict(sd)
-    for key in ("momentum_buffer", "mu", "nu", "solution"):
+    for key in ("momentum_buffer", "mu", "nu", "solution", "exp_avg_sq"):
         assert opt2.state[m2.weight][key].dtype == torch.float32
         assert torch.equal(opt2.state[m2.weight][key], opt.state[m.weight][key])
 
@@ -206,18 +208,19 @@ def _save_load(sd: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-def test_checkpoint_resume_is_bit_exact() -> None:
+@pytest.mark.parametrize("preset", ["graft", "paper"])
+def test_checkpoint_resume_is_bit_exact(preset: str) -> None:
     torch.set_default_dtype(torch.float32)
     try:
         a = _mlp().float()
-        oa = SLNB(a.parameters(), model=a)
+        oa = SLNB(a.parameters(), model=a, preset=preset)
         _train_f32(a, oa, 20)
         b = _mlp().float()
-        ob = SLNB(b.parameters(), model=b)
+        ob = SLNB(b.parameters(), model=b, preset=preset)
         _train_f32(b, ob, 10)
         model_sd, opt_sd = _save_load(b.state_dict()), _save_load(ob.state_dict())
         c = _mlp(seed=5).float()
-        oc = SLNB(c.parameters(), model=c)
+        oc = SLNB(c.parameters(), model=c, preset=preset)
         c.load_state_dict(model_sd)
         oc.load_state_dict(opt_sd)
         _train_f32(c, oc, 10, start=10)
@@ -246,7 +249,7 @@ def test_state_dict_round_trip_before_first_step() -> None:
 def test_no_memory_growth_over_1000_steps() -> None:
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = SLNB(m.parameters(), model=m, metric_backend="matrix_free")
+    opt = SLNB(m.parameters(), model=m, metric_backend="matrix_free", diagonal_only=False)
     x = torch.randn(16, 4)
 
     def live_tensors() -> int:
@@ -267,6 +270,7 @@ def test_no_memory_growth_over_1000_steps() -> None:
     # momentum, solution and Adam's second moment (graft) per element, a step per tensor,
     # mu/nu per feature, a count per layer
     assert state_numel == 3 * n_params + 4 + 2 * (4 + 8) + 2
+    assert opt.trust_region == "graft_row" and not opt.diagonal_only
 
 
 def test_nonfinite_gradient_skips_the_step_and_names_the_parameter() -> None:
@@ -343,8 +347,9 @@ def test_blocked_gram_of_wide_layers_matches_matrix_free() -> None:
     torch.manual_seed(0)
     a = nn.Linear(600, 3)
     b = copy.deepcopy(a)
-    oa = SLNB(a.parameters(), model=a, metric_backend="explicit", cg_iters=3)
-    ob = SLNB(b.parameters(), model=b, metric_backend="matrix_free", cg_iters=3)
+    oa = SLNB(a.parameters(), model=a, metric_backend="explicit", cg_iters=3, diagonal_only=False)
+    ob = SLNB(b.parameters(), model=b, metric_backend="matrix_free", cg_iters=3,
+              diagonal_only=False)
     for _ in range(3):
         x = torch.randn(50, 600) + torch.linspace(-1, 1, 600)
         for m, o in ((a, oa), (b, ob)):
