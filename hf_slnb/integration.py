@@ -23,6 +23,7 @@ This module imports transformers; the core package does not import it until it i
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import importlib
@@ -404,7 +405,34 @@ def _slnb_handler(ctx: Any) -> tuple[type[SLNB], dict[str, Any]]:
         raise _unsupported("sharded (DTensor) parameters", "tensor or fully sharded "
                            "parallelism splits the layers SLNB preconditions")
     ctx.optimizer_kwargs.update(slnb_optimizer_kwargs(args), weight_decay=args.weight_decay)
+    _destroy_process_group_at_exit()
     return _bind_model(model), ctx.optimizer_kwargs
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Tear the data-parallel process group down before the interpreter does.
+
+    Scripts written like Hugging Face's examples never call ``destroy_process_group()``; with
+    gloo (CPU) the process group's threads are then destroyed during interpreter shutdown, which
+    intermittently aborts a rank ("terminate called without an active exception") after all
+    work is saved, and the launcher reports the run as failed.
+    """
+    if _EXIT_HOOK:
+        return
+    _EXIT_HOOK.append(True)
+
+    def destroy() -> None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - best effort at exit; never mask the real status
+                pass
+
+    atexit.register(destroy)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "to zero over the run).")
     parser.add_argument("--slnb-lrs", default=None, help="SLNB's lr sweep (default "
                         "0.03,0.1,0.3,1 with the paper preset, 1e-3,3e-3,1e-2 with graft).")
-    parser.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2", help="Adam's lr sweep.")
+    parser.add_argument("--adam-lrs", default="1e-3,3e-3,1e-2,3e-2", help="Adam's lr sweep.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: these models are so small that "
                         "a second thread only adds synchronisation; 0 keeps torch's default).")
