@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_launch
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 
 
 def _run(cmd: list[str], tmp: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp)
+    res = run_launch(lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                            env=env, cwd=tmp))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_launch
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).with_name("hf_example_script.py")
@@ -39,7 +40,8 @@ def _run(args: list[str], out: Path, procs: int) -> None:
     cmd = launch + [str(SCRIPT), "--output_dir", str(out), *COMMON, *args]
     if procs > 1:
         cmd += ["--use_cpu", "true"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    res = run_launch(lambda: subprocess.run(cmd, capture_output=True, text=True, timeout=400,
+                                            env=env))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 

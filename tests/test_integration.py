@@ -43,6 +43,7 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import hf_slnb
+from conftest import run_launch
 from hf_slnb.optimizer import PRESETS
 from hf_slnb import SLNB, integration
 from hf_slnb.integration import SLNBTrainingArguments, parse_optim_args
@@ -556,8 +557,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return run_launch(lambda: subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True,
+                                             text=True, timeout=timeout, check=False))
 
 
 def _free_port() -> str:
