@@ -20,11 +20,6 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
-def axpy(alpha: Tensor, x: Sequence[Tensor], y: Sequence[Tensor]) -> Vec:
-    """``y + alpha * x`` for tuples of tensors (``alpha`` a 0-d tensor), in one pass each."""
-    return tuple(torch.addcmul(yi, alpha, xi) for xi, yi in zip(x, y))
-
-
 def shrink(d: Tensor, shrinkage: float) -> Tensor:
     """Shrink a vector of variances towards its mean: ``(1 - s) d + s mean(d)``."""
     return (1.0 - shrinkage) * d + shrinkage * d.mean()
