@@ -2,7 +2,8 @@
 
 SLNB's statistics must cover the global batch: every rank sums its captured moments, and the
 sum is all-reduced. Small tensors are packed into one flat buffer per dtype so a step costs one
-collective per dtype, not one per layer.
+collective per dtype, not one per layer. FSDP2's sharded parameters (DTensors sharded along dim 0
+on a 1-D mesh) are handled with the helpers at the end: local shards, gathers and slices.
 """
 
 from __future__ import annotations
@@ -36,3 +37,61 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: object | None = None) -> No
             n = t.numel()
             t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
+
+
+# ---------------------------------------------------------------------------------------------
+# Fully sharded parameters (FSDP2's DTensors, sharded along dim 0 on a 1-D mesh)
+# ---------------------------------------------------------------------------------------------
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: in-place updates reach the DTensor), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_sharding(p: Tensor, name: str) -> object | None:
+    """The process group of a parameter sharded as FSDP2 shards it (``None`` if unsharded).
+
+    Raises ``ValueError`` for any other layout (2-D meshes as in HSDP, tensor parallelism,
+    custom shard placements): SLNB's per-row maths assumes dim-0 shards over one group.
+    """
+    if not is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)  # type: ignore[attr-defined]
+    if mesh.ndim != 1 or len(placements) != 1 or type(placements[0]) is not Shard \
+            or placements[0].dim != 0:
+        raise ValueError(
+            f"Invalid sharding of parameter {name!r}: placements {placements} on a "
+            f"{mesh.ndim}-D device mesh. SLNB supports unsharded parameters and FSDP2's "
+            "(fully_shard) dim-0 shards on a 1-D mesh (Shard(0)); not HSDP, tensor parallelism "
+            "or custom shard placements.")
+    return mesh.get_group()
+
+
+def gather_rows(shard: Tensor, like: Tensor) -> Tensor:
+    """The full tensor whose dim-0 shards (laid out as DTensor ``like``) are ``shard``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(shard, like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                              shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def local_rows(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's dim-0 shard of ``full``, laid out as DTensor ``like`` (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = distribute_tensor(full, like.device_mesh, like.placements,  # type: ignore[attr-defined]
+                            src_data_rank=None).to_local()
+    if out.shape != like.to_local().shape:  # type: ignore[attr-defined]
+        raise RuntimeError(f"SLNB: a shard of shape {tuple(out.shape)} does not match the "
+                           f"parameter's local shard {tuple(like.to_local().shape)}.")  # type: ignore[attr-defined]
+    return out

@@ -62,6 +62,7 @@ def conjugate_gradient(
     precond: Callable[[Vec], Vec],
     iters: int,
     tol: float,
+    inner: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] = dot,
 ) -> tuple[Vec, Tensor]:
     """Preconditioned conjugate gradient for ``A x = b``, warm-started at ``x0``.
 
@@ -76,36 +77,38 @@ def conjugate_gradient(
         precond: ``r -> P r`` for a symmetric positive definite ``P`` close to ``A^-1``.
         iters: Number of iterations (``>= 0``).
         tol: Relative residual at which to stop.
+        inner: The inner product (default :func:`dot`; a sharded vector passes one that sums
+            over its shards).
 
     Returns:
         The solution and the relative residual ``|r| / |b|`` it leaves (a scalar tensor).
     """
-    bb = dot(b, b)
+    bb = inner(b, b)
     if x0 is None:
         x = [torch.zeros_like(t) for t in b]
         r = [t.clone() for t in b]
     else:
         x = [t.clone() for t in x0]
         r = [bi - ai for bi, ai in zip(b, matvec(tuple(x)))]
-    rr = dot(r, r)
+    rr = inner(r, r)
     threshold = (tol * tol) * bb
     active = rr > threshold
     on_cpu = bb.device.type == "cpu"
     if iters > 0 and not (on_cpu and not bool(active)):
         p = list(precond(tuple(r)))
-        rz = dot(r, p)
+        rz = inner(r, p)
         for i in range(iters):
             ap = matvec(tuple(p))
-            alpha = torch.where(active, rz / dot(p, ap), torch.zeros_like(rz))
+            alpha = torch.where(active, rz / inner(p, ap), torch.zeros_like(rz))
             for xi, ri, pi, api in zip(x, r, p, ap):
                 xi.addcmul_(alpha, pi)
                 ri.addcmul_(alpha, api, value=-1.0)
-            rr = dot(r, r)
+            rr = inner(r, r)
             active = active & (rr > threshold)
             if i == iters - 1 or (on_cpu and not bool(active)):
                 break
             z = precond(tuple(r))
-            rz_new = dot(r, z)
+            rz_new = inner(r, z)
             beta = torch.where(active, rz_new / rz, torch.zeros_like(rz))
             p = [torch.addcmul(zi, beta, pi) for zi, pi in zip(z, p)]
             rz = rz_new

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -321,9 +322,23 @@ def _env_true(name: str) -> bool:
 def _unsupported(what: str, why: str) -> ValueError:
     return ValueError(
         f"--optim slnb does not support {what} yet ({why}). Train with plain data parallel "
-        "instead (torchrun / accelerate launch without a DeepSpeed or FSDP configuration), or "
-        "choose another --optim."
+        "or FSDP2 instead (torchrun / accelerate launch without a DeepSpeed configuration, "
+        "--fsdp with fsdp_config version 2), or choose another --optim."
     )
+
+
+def _fsdp_version(args: TrainingArguments) -> int:
+    """The FSDP version the Trainer will ask Accelerate for (its default is 2)."""
+    config = args.fsdp_config
+    if isinstance(config, str):
+        try:
+            with open(config, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            config = None  # the Trainer reports a bad path itself
+    if isinstance(config, dict):
+        return int(config.get("version", config.get("fsdp_version", 2)))
+    return 2
 
 
 def _check_setup(args: TrainingArguments) -> None:
@@ -331,9 +346,17 @@ def _check_setup(args: TrainingArguments) -> None:
     if args.deepspeed or _env_true("ACCELERATE_USE_DEEPSPEED"):
         raise _unsupported("DeepSpeed", "ZeRO partitions the parameters and gradients whose "
                            "layers SLNB hooks, and DeepSpeed owns the optimizer step")
-    if args.fsdp or _env_true("ACCELERATE_USE_FSDP"):
-        raise _unsupported("FSDP", "its sharded parameters do not match the whole layers "
-                           "SLNB preconditions")
+    fsdp1 = ("FSDP version 1", "it flattens every wrapped module's parameters into one "
+             "FlatParameter, so the layers SLNB preconditions are gone; FSDP2 keeps them")
+    if args.fsdp:
+        if _fsdp_version(args) != 2:
+            raise _unsupported(*fsdp1)
+        if args.use_cpu and int(os.environ.get("RANK", "0") or 0) == 0:
+            logger.warning("--fsdp with --use_cpu: Accelerate trains on CPU as plain data "
+                           "parallel (MULTI_CPU) and ignores --fsdp; SLNB synchronises as in "
+                           "data parallel.")
+    elif _env_true("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise _unsupported(*fsdp1)
 
 
 def _lr_is_radius(args: TrainingArguments) -> bool:
@@ -386,24 +409,13 @@ def _bind_model(model: torch.nn.Module) -> type[SLNB]:
     return TrainerSLNB
 
 
-def _has_dtensor(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _slnb_handler(ctx: Any) -> tuple[type[SLNB], dict[str, Any]]:
     """Handler for ``_OPTIMIZER_HANDLERS["slnb"]``: the optimizer class and its kwargs."""
     args, model = ctx.args, ctx.model
     if model is None:
         raise ValueError("--optim slnb needs the model: SLNB hooks its layers. Build the "
                          "optimizer through Trainer.create_optimizer().")
-    _check_setup(args)
-    if _has_dtensor(model):
-        raise _unsupported("sharded (DTensor) parameters", "tensor or fully sharded "
-                           "parallelism splits the layers SLNB preconditions")
+    _check_setup(args)  # SLNB itself checks that sharded parameters are FSDP2's
     ctx.optimizer_kwargs.update(slnb_optimizer_kwargs(args), weight_decay=args.weight_decay)
     _destroy_process_group_at_exit()
     return _bind_model(model), ctx.optimizer_kwargs
@@ -455,8 +467,11 @@ def _trainer_init(self: Any, *args: Any, **kwargs: Any) -> None:
         return
     if getattr(self, "is_deepspeed_enabled", False):
         raise _unsupported("DeepSpeed", "the accelerator is configured for DeepSpeed")
-    if getattr(self, "is_fsdp_enabled", False):
-        raise _unsupported("FSDP", "the accelerator is configured for FSDP")
+    plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "fsdp_plugin",
+                     None)
+    if getattr(self, "is_fsdp_enabled", False) and getattr(plugin, "fsdp_version", 2) != 2:
+        raise _unsupported("FSDP version 1", "the accelerator is configured for FSDP1, which "
+                           "flattens the parameters of the layers SLNB preconditions")
     if self.optimizer is not None and not isinstance(unwrap_optimizer(self.optimizer), SLNB):
         return  # the user passed their own optimizer: --optim is not used
     card = self.create_model_card  # the most derived one (TRL's does not call the base)

@@ -14,7 +14,8 @@ from torch.optim import Optimizer
 
 from . import distributed
 from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
-from .layers import BACKENDS, Neuron, neuron_for, out_positions, stat_dtype
+from .distributed import is_dtensor, local
+from .layers import BACKENDS, LinearNeuron, Neuron, neuron_for, out_positions, stat_dtype
 
 PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
@@ -142,6 +143,12 @@ class SLNB(Optimizer):
         eps: Added to that RMS (``"tensor"``, ``"graft"``), ``> 0``. Default ``1e-8``.
         process_group: ``torch.distributed`` group over which statistics are summed in data
             parallel training (default: the world, when initialised).
+
+    Fully sharded data parallel (FSDP2, ``fully_shard``) is supported: build the optimizer after
+    sharding, from the sharded parameters. Every rank sums the statistics of its own batch as in
+    plain data parallel; an ``nn.Linear`` (weight sharded along its output rows, which share one
+    metric) is preconditioned shard by shard, other layers gather their gradient for the solve
+    and keep their shard of the result. The optimizer state is sharded like the parameters.
     """
 
     def __init__(
@@ -239,8 +246,10 @@ class SLNB(Optimizer):
         self.skipped_steps = 0
         self._last: dict[str, Tensor | float] = {}
         self._names = self._parameter_names(model)
+        self._shard_group = self._check_sharding()
         self.neurons: list[Neuron] = self._find_neurons(model, patterns)
         self._neuron_of = {id(n.weight): n for n in self.neurons}
+        self._bias_owner = {id(n.bias): n for n in self.neurons if n.bias is not None}
         self._handles = [
             n.module.register_forward_hook(self._make_hook(n), with_kwargs=True)
             for n in self.neurons
@@ -258,6 +267,19 @@ class SLNB(Optimizer):
                         "parameters of the model it hooks."
                     )
         return names
+
+    def _check_sharding(self) -> object | None:
+        """The process group of FSDP2-sharded parameters (``None`` when nothing is sharded)."""
+        groups = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                pg = distributed.check_sharding(p, self._names.get(id(p), "?"))
+                if pg is not None and all(pg is not g for g in groups):
+                    groups.append(pg)
+        if len(groups) > 1:
+            raise ValueError(f"Invalid params: sharded over {len(groups)} different process "
+                             "groups; SLNB supports one FSDP2 mesh per optimizer.")
+        return groups[0] if groups else None
 
     def _find_neurons(self, model: nn.Module, patterns: list[re.Pattern[str]]) -> list[Neuron]:
         mine = {id(p) for g in self.param_groups for p in g["params"]}
@@ -363,8 +385,12 @@ class SLNB(Optimizer):
 
     def _nonfinite(self, params: list[Tensor]) -> list[str]:
         """Names of parameters with a non-finite gradient and modules with a non-finite input."""
-        grads = [p.grad for p in params]
+        grads = [local(p.grad) for p in params]  # type: ignore[arg-type]
         checks: list[Tensor] = [t.to(torch.float64) for t in torch._foreach_norm(grads)] if grads else []
+        if checks and self._shard_group is not None:  # every rank must skip, or none
+            norms = torch.stack(checks)
+            distributed.all_reduce_sum([norms], self._shard_group)
+            checks = list(norms.unbind())
         caps = [n for n in self.neurons if n.capture is not None]
         checks += [(n.capture.sum_x.sum() + n.capture.square_sums().sum()).to(torch.float64)
                    for n in caps]  # type: ignore[union-attr]
@@ -424,6 +450,12 @@ class SLNB(Optimizer):
         hs = [h.get(id(p), g_hat[id(p)]) for p in params]  # identity metric for the rest
         gs = [g_hat[id(p)] for p in params]
         inners = [dot((a,), (b,)) for a, b in zip(hs, gs)]
+        if self._shard_group is not None:  # local shards: sum the partial inner products
+            sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
+            partial = torch.stack([inners[i].to(torch.float64) for i in sharded])
+            distributed.all_reduce_sum([partial], self._shard_group)
+            for i, q in zip(sharded, partial.unbind()):
+                inners[i] = q.to(inners[i].dtype)
         inner = torch.stack([q.to(torch.float64) for q in inners]).sum()
         n = torch.sqrt(torch.clamp(inner, min=self.min_norm**2))
         if self.trust_region == "global":
@@ -453,10 +485,12 @@ class SLNB(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p.dtype),
                                                             memory_format=torch.preserve_format)
+                if is_dtensor(p):  # a sharded checkpoint's template needs every key now
+                    self._init_sharded_state(p, state)
             state["step"] += 1
             beta = group_of[id(p)]["momentum"]
-            m = state["momentum_buffer"]
-            grad = p.grad.to(m.dtype)  # type: ignore[union-attr]
+            m = local(state["momentum_buffer"])
+            grad = local(p.grad).to(m.dtype)  # type: ignore[arg-type]
             if beta == 0.0:
                 m.copy_(grad)
             else:
@@ -495,7 +529,12 @@ class SLNB(Optimizer):
             group["shrinkage"],
             with_bias,
         )
-        g: Vec = (g_hat[id(w)], g_hat[id(b)]) if with_bias else (g_hat[id(w)],)  # type: ignore[arg-type]
+        owners = (w, b) if with_bias else (w,)
+        g: Vec = tuple(g_hat[id(p)] for p in owners)  # type: ignore[union-attr]
+        sharded = is_dtensor(w)
+        gather = sharded and not self._row_local(neuron, owners)
+        if gather:  # the solve needs the whole layer: every rank solves it, keeps its shard
+            g = tuple(distributed.gather_rows(t, p) for t, p in zip(g, owners))  # type: ignore[arg-type]
 
         inv_denom = torch.reciprocal(denom)
 
@@ -509,21 +548,81 @@ class SLNB(Optimizer):
             if self.ridge_mode == "relative":  # scale-free: relative to the mean feature energy
                 ridge = ridge * float(nu.mean())
             neuron.prepare(ridge)
-            owners = (w, b) if with_bias else (w,)
             if "solution" in state:
                 x0: Vec | None = tuple(
-                    self.state[p].get("solution", torch.zeros_like(g_hat[id(p)]))
-                    for p in owners  # type: ignore[union-attr]
+                    self._warm_start(p, gi, gather) for p, gi in zip(owners, g)  # type: ignore[arg-type]
                 )
             else:
                 x0 = None
-            sol, rel = conjugate_gradient(neuron.metric, g, x0, precond, group["cg_iters"], self.cg_tol)
+            inner = self._sharded_dot if sharded and not gather else dot
+            sol, rel = conjugate_gradient(neuron.metric, g, x0, precond, group["cg_iters"],
+                                          self.cg_tol, inner)
+        if gather:
+            sol = tuple(distributed.local_rows(t, p) for t, p in zip(sol, owners))  # type: ignore[arg-type]
+        if not self.diagonal_only:
             for p, s in zip(owners, sol):
-                self.state[p]["solution"] = s  # type: ignore[index]
+                if sharded:
+                    local(self.state[p]["solution"]).copy_(s)  # type: ignore[index]
+                else:
+                    self.state[p]["solution"] = s  # type: ignore[index]
         h[id(w)] = sol[0]
         if with_bias:
             h[id(b)] = sol[1]
         return rel
+
+    # -- fully sharded parameters (FSDP2) --------------------------------------------------------
+    def _row_local(self, neuron: Neuron, owners: tuple[Tensor, ...]) -> bool:
+        """Whether a sharded neuron's solve can run on this rank's rows alone.
+
+        True for ``nn.Linear`` (rows are output units, which share the metric) with the
+        explicit second moment or the diagonal, and for an ungrouped convolution with the
+        diagonal; the others (HF ``Conv1D``, whose shards split the input features, embeddings,
+        matrix-free products) gather the layer.
+        """
+        cap = neuron.capture
+        if isinstance(neuron, LinearNeuron) and neuron.features_last:
+            ok = self.diagonal_only or (cap is not None and cap.gram is not None)
+        else:
+            ok = (neuron.kind == "conv" and self.diagonal_only
+                  and getattr(neuron.module, "groups", 1) == 1)
+        rows = {local(p).shape[0] for p in owners}
+        return ok and len(rows) == 1
+
+    def _sharded_dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        """Inner product of two row-sharded vectors: the local part summed over the shards."""
+        q = dot(a, b)
+        distributed.all_reduce_sum([q], self._shard_group)
+        return q
+
+    def _warm_start(self, p: Tensor, like: Tensor, gather: bool) -> Tensor:
+        """The last PCG solution of ``p`` (zeros if none), laid out as ``like``."""
+        saved = self.state[p].get("solution")
+        if saved is None:
+            return torch.zeros_like(like)
+        if is_dtensor(saved):
+            return saved.full_tensor() if gather else local(saved).clone()  # type: ignore[attr-defined]
+        return saved
+
+    def _init_sharded_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Create every state entry of a sharded parameter at once.
+
+        FSDP2 checkpoints (``torch.distributed.checkpoint``, Accelerate's sharded state dict)
+        load into a template made by a first step without inputs, which would otherwise lack the
+        entries created lazily (statistics, PCG solutions). The values equal the lazy ones.
+        """
+        dtype = stat_dtype(p.dtype)
+        if self.trust_region in ("graft", "graft_row"):
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
+        elif self.trust_region == "tensor":
+            state["metric_sq"] = torch.zeros((), dtype=dtype, device=p.device)
+        neuron = self._neuron_of.get(id(p))
+        if neuron is not None:
+            d = neuron.num_features
+            state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=p.device)
+            state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=p.device)
+            state["stat_step"] = torch.zeros((), dtype=torch.float32)
+        if not self.diagonal_only and (neuron is not None or id(p) in self._bias_owner):
+            state["solution"] = torch.zeros_like(p, dtype=dtype)
 
     def _tensor_scales(self, params: list[Tensor], inners: list[Tensor],
                        group_of: dict[int, dict[str, Any]]) -> list[Tensor]:
@@ -549,31 +648,52 @@ class SLNB(Optimizer):
         ``beta2``, the momentum its ``beta1``.
         """
         decay = self.norm_decay
-        out_h, scales = [], []
-        for p, hh, g in zip(params, hs, gs):
+        out_h: list[Tensor] = []
+        scales: list[Tensor] = []
+        pending = []  # sharded reductions: (index, lr, per row, partial |adam|^2, |h|^2)
+        for i, (p, hh, g) in enumerate(zip(params, hs, gs)):
             state = self.state[p]
             if "exp_avg_sq" not in state:
                 state["exp_avg_sq"] = torch.zeros_like(g)
-            state["exp_avg_sq"].mul_(decay).addcmul_(p.grad, p.grad, value=1.0 - decay)  # type: ignore[arg-type]
+            grad = local(p.grad)  # type: ignore[arg-type]
+            v = local(state["exp_avg_sq"])
+            v.mul_(decay).addcmul_(grad, grad, value=1.0 - decay)
             t = int(state["step"].item())
-            adam = g / (torch.sqrt(state["exp_avg_sq"] / (1.0 - decay**t)) + self.eps)
+            adam = g / (torch.sqrt(v / (1.0 - decay**t)) + self.eps)
             lr = group_of[id(p)]["lr"]
             tiny = torch.finfo(hh.dtype).tiny
             neuron = self._neuron_of.get(id(p))
-            if neuron is not None and id(p) in preconditioned and self.trust_region == "graft_row":
-                dims = neuron.row_dims
+            if id(p) not in preconditioned:
+                out_h.append(adam)
+                scales.append(torch.tensor(-lr, dtype=adam.dtype, device=adam.device))
+                continue
+            per_row = neuron is not None and self.trust_region == "graft_row"
+            dims = neuron.row_dims if per_row else None  # type: ignore[union-attr]
+            if is_dtensor(p) and (dims is None or 0 in dims):  # norms span several shards
+                pending.append((i, lr, per_row, (adam * adam).sum(dims, keepdim=per_row),
+                                (hh * hh).sum(dims, keepdim=per_row)))
+                out_h.append(hh)
+                scales.append(torch.tensor(-lr, dtype=adam.dtype, device=adam.device))
+            elif per_row:
                 ratio = torch.linalg.vector_norm(adam, dim=dims, keepdim=True) / torch.clamp(
                     torch.linalg.vector_norm(hh, dim=dims, keepdim=True), min=tiny)
                 out_h.append(hh * ratio)
                 scales.append(torch.tensor(-lr, dtype=adam.dtype, device=adam.device))
-            elif id(p) in preconditioned:
+            else:
                 ratio = torch.linalg.vector_norm(adam) / torch.clamp(
                     torch.linalg.vector_norm(hh), min=tiny)
                 out_h.append(hh)
                 scales.append(-lr * ratio)
-            else:
-                out_h.append(adam)
-                scales.append(torch.tensor(-lr, dtype=adam.dtype, device=adam.device))
+        if pending:
+            distributed.all_reduce_sum([t for item in pending for t in item[3:]],
+                                       self._shard_group)
+            for i, lr, per_row, na2, nh2 in pending:
+                tiny = torch.finfo(nh2.dtype).tiny
+                ratio = torch.sqrt(na2) / torch.clamp(torch.sqrt(nh2), min=tiny)
+                if per_row:
+                    out_h[i] = out_h[i] * ratio
+                else:
+                    scales[i] = -lr * ratio
         return out_h, scales
 
     def _apply(self, params: list[Tensor], hs: list[Tensor], group_of: dict[int, dict[str, Any]],
@@ -586,6 +706,6 @@ class SLNB(Optimizer):
                 continue
             lr, wd = group["lr"], group["weight_decay"]
             if wd != 0.0:
-                torch._foreach_mul_([m[0] for m in members], 1.0 - lr * wd)
+                torch._foreach_mul_([local(m[0]) for m in members], 1.0 - lr * wd)
             for p, hh, sc in members:
-                p.addcmul_(hh, sc)
+                local(p).addcmul_(hh, sc)

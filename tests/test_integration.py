@@ -232,8 +232,8 @@ def test_bad_learning_rate_fails_early(tmp_path: Path) -> None:
     ("setting", "what"),
     [
         ({"deepspeed": {"train_micro_batch_size_per_gpu": 4}}, "DeepSpeed"),
-        ({"fsdp": True}, "FSDP"),
-        ({"fsdp": "full_shard"}, "FSDP"),
+        ({"fsdp": True, "fsdp_config": {"version": 1}}, "FSDP version 1"),
+        ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 1}}, "FSDP version 1"),
     ],
 )
 def test_unsupported_setups_fail_fast(tmp_path: Path, setting: dict, what: str) -> None:
@@ -241,10 +241,21 @@ def test_unsupported_setups_fail_fast(tmp_path: Path, setting: dict, what: str) 
         args_for(tmp_path, **setting)
 
 
+def test_fsdp2_is_accepted_and_cpu_fsdp_is_explained(tmp_path: Path, caplog) -> None:
+    # FSDP2 (the Trainer's default FSDP version) keeps the layers: SLNB takes its shards
+    # (tests/test_fsdp.py). On CPU Accelerate runs --fsdp as plain data parallel: say so.
+    with caplog.at_level(logging.WARNING, logger="hf_slnb.integration"):
+        args = args_for(tmp_path, fsdp=True, fsdp_config={"version": 2})
+    assert args.fsdp
+    assert "ignores --fsdp" in caplog.text
+
+
 def test_accelerate_fsdp_environment_fails_fast(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="does not support FSDP"):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # Accelerate's default version is 1
+    with pytest.raises(ValueError, match="does not support FSDP version 1"):
         args_for(tmp_path)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    args_for(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="does not support DeepSpeed"):

@@ -1,0 +1,115 @@
+"""Worker for tests/test_fsdp.py: SLNB on FSDP2-sharded parameters (``fully_shard``, gloo, CPU).
+
+``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT PRESET MICRO [RESUME]`` shards the model
+over two processes; ``python tests/_fsdp_worker.py OUT PRESET MICRO`` trains it unsharded in one
+process on the global batch. With ``RESUME`` the sharded run saves a distributed checkpoint
+(``torch.distributed.checkpoint``, as Accelerate's FSDP2 sharded state dict does) after step 3,
+rebuilds model and optimizer from scratch, loads it and finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_slnb import SLNB
+
+STEPS, GLOBAL_BATCH, SAVE_AT = 5, 16, 3
+
+
+class Net(nn.Module):
+    """One layer of each kind, with row counts that do not split evenly over two ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, 3, padding=1)
+        self.emb = nn.Embedding(11, 5)
+        self.lin = nn.Linear(5 * 6, 7)
+        self.norm = nn.LayerNorm(7)
+        self.hf = Conv1D(9, 7)  # weight (in=7, out=9): its shards split the input features
+        self.wide = nn.Linear(9, 300)  # 300 > 256: a blocked gram
+        self.out = nn.Linear(300, 3, bias=False)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)) + self.emb(idx)[:, :, None]
+        h = self.norm(torch.tanh(self.lin(h.flatten(1))))
+        return self.out(torch.tanh(self.wide(torch.tanh(self.hf(h)))))
+
+
+def build(sharded: bool, preset: str) -> tuple[nn.Module, SLNB]:
+    torch.manual_seed(0)
+    model = Net()
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for name in ("conv", "lin", "hf", "wide"):
+            fully_shard(getattr(model, name))
+        fully_shard(model)
+    lr = 0.3 if preset == "paper" else 1e-2
+    return model, SLNB(model.parameters(), model=model, preset=preset, lr=lr)
+
+
+def batches(rank: int, world: int):  # noqa: ANN201 - a generator of (x, idx, y)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(GLOBAL_BATCH, 3, 6, generator=g)
+        idx = torch.randint(0, 11, (GLOBAL_BATCH,), generator=g)
+        y = torch.randn(GLOBAL_BATCH, 3, generator=g)
+        mine = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        yield x[mine], idx[mine], y[mine]
+
+
+def train_step(model: nn.Module, opt: SLNB, batch: tuple[torch.Tensor, ...], micro: int,
+               sharded: bool) -> None:
+    chunks = list(zip(*(t.chunk(micro) for t in batch)))
+    for i, (xc, ic, yc) in enumerate(chunks):
+        if sharded:  # FSDP2's gradient accumulation: reduce-scatter on the last micro-batch
+            model.set_requires_gradient_sync(i == micro - 1)  # type: ignore[operator]
+        (((model(xc, ic) - yc) ** 2).mean() / micro).backward()
+    opt.step()
+    model.zero_grad()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main(out: str, preset: str, micro: int, resume: bool) -> None:
+    sharded = "WORLD_SIZE" in os.environ
+    if sharded:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    model, opt = build(sharded, preset)
+    for step, batch in enumerate(batches(rank, world), start=1):
+        train_step(model, opt, batch, micro, sharded)
+        if resume and step == SAVE_AT:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                get_optimizer_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            dcp.save({"model": model.state_dict(),
+                      "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{out}.ckpt")
+            opt.remove_hooks()
+            model, opt = build(sharded, preset)  # a fresh process's objects
+            template = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(template, checkpoint_id=f"{out}.ckpt")
+            model.load_state_dict(template["model"])
+            set_optimizer_state_dict(model, opt, template["optim"])
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    state = {names[i]: {k: full(v).clone() for k, v in s.items()}
+             for i, s in opt.state_dict()["state"].items()}
+    torch.save({"params": params, "state": state}, f"{out}.rank{rank}.pt")
+    if sharded:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "resume")
