@@ -1,10 +1,10 @@
 """Worker for tests/test_fsdp.py: SLNB on FSDP2-sharded parameters (``fully_shard``, gloo, CPU).
 
-``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT PRESET MICRO [RESUME]`` shards the model
-over two processes; ``python tests/_fsdp_worker.py OUT PRESET MICRO`` trains it unsharded in one
-process on the global batch. With ``RESUME`` the sharded run saves a distributed checkpoint
-(``torch.distributed.checkpoint``, as Accelerate's FSDP2 sharded state dict does) after step 3,
-rebuilds model and optimizer from scratch, loads it and finishes.
+``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT PRESET MICRO [resume|resume_full]``
+shards the model over two processes; ``python tests/_fsdp_worker.py OUT PRESET MICRO`` trains it
+unsharded in one process on the global batch. With ``resume`` / ``resume_full`` the sharded run
+checkpoints after step 3 the way Accelerate does for FSDP2 (sharded or full state dict),
+rebuilds model and optimizer from scratch, loads the checkpoint and finishes.
 """
 
 from __future__ import annotations
@@ -75,11 +75,47 @@ def train_step(model: nn.Module, opt: SLNB, batch: tuple[torch.Tensor, ...], mic
     model.zero_grad()
 
 
+def save_and_reload(model: nn.Module, opt: SLNB, out: str, preset: str, sharded: bool,
+                    how: str) -> tuple[nn.Module, SLNB]:
+    """Checkpoint as Accelerate does for FSDP2, rebuild everything, load the checkpoint.
+
+    ``resume``: its default sharded state dict (``torch.distributed.checkpoint``);
+    ``resume_full``: ``FULL_STATE_DICT`` (rank 0 saves, every rank loads from a broadcast).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full_dict = how == "resume_full"
+    options = StateDictOptions(full_state_dict=full_dict, cpu_offload=full_dict,
+                               broadcast_from_rank0=full_dict)
+    saved = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt, options=options)}
+    if full_dict:
+        if dist.get_rank() == 0:
+            torch.save(saved["optim"], f"{out}.optim.pt")
+        dist.barrier()
+    dcp.save(saved, checkpoint_id=f"{out}.ckpt")
+    opt.remove_hooks()
+    model, opt = build(sharded, preset)  # a fresh process's objects
+    template = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(template, checkpoint_id=f"{out}.ckpt")
+    model.load_state_dict(template["model"])
+    if full_dict:
+        optim = torch.load(f"{out}.optim.pt", weights_only=True) if dist.get_rank() == 0 else {}
+        set_optimizer_state_dict(model, opt, optim, options=options)
+    else:
+        set_optimizer_state_dict(model, opt, template["optim"])
+    return model, opt
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def main(out: str, preset: str, micro: int, resume: bool) -> None:
+def main(out: str, preset: str, micro: int, resume: str) -> None:
     sharded = "WORLD_SIZE" in os.environ
     if sharded:
         dist.init_process_group("gloo")
@@ -88,20 +124,7 @@ def main(out: str, preset: str, micro: int, resume: bool) -> None:
     for step, batch in enumerate(batches(rank, world), start=1):
         train_step(model, opt, batch, micro, sharded)
         if resume and step == SAVE_AT:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (
-                get_optimizer_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            dcp.save({"model": model.state_dict(),
-                      "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{out}.ckpt")
-            opt.remove_hooks()
-            model, opt = build(sharded, preset)  # a fresh process's objects
-            template = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.load(template, checkpoint_id=f"{out}.ckpt")
-            model.load_state_dict(template["model"])
-            set_optimizer_state_dict(model, opt, template["optim"])
+            model, opt = save_and_reload(model, opt, out, preset, sharded, resume)
     names = [n for n, _ in model.named_parameters()]
     params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
     state = {names[i]: {k: full(v).clone() for k, v in s.items()}
@@ -112,4 +135,4 @@ def main(out: str, preset: str, micro: int, resume: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "resume")
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "")

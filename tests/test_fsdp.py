@@ -2,8 +2,8 @@
 
 Linear layers are preconditioned shard by shard (rows share the metric); HF ``Conv1D``,
 embeddings and matrix-free convolutions gather their layer for the solve. A distributed
-checkpoint, saved and loaded the way Accelerate's FSDP2 sharded state dict does it, resumes bit
-for bit. (The Trainer's ``--fsdp`` cannot be run here: on CPU Accelerate 1.15 turns it into plain
+checkpoint, saved and loaded the way Accelerate does for FSDP2 (sharded or full state dict),
+resumes bit for bit. (The Trainer's ``--fsdp`` cannot be run here: on CPU Accelerate 1.15 turns it into plain
 data parallel.)
 """
 
@@ -58,9 +58,10 @@ def test_sharded_equals_one_process_on_the_global_batch(tmp_path: Path, preset: 
             assert torch.allclose(got.double(), value.double(), rtol=1e-4, atol=1e-6), (name, key)
 
 
-@pytest.mark.parametrize("preset", ["graft", "paper"])
-def test_distributed_checkpoint_resumes_bit_for_bit(tmp_path: Path, preset: str) -> None:
-    _run([str(tmp_path / "resumed"), preset, "1", "resume"], tmp_path, sharded=True)
+@pytest.mark.parametrize("preset,how", [("graft", "resume"), ("paper", "resume"),
+                                        ("paper", "resume_full")])
+def test_distributed_checkpoint_resumes_bit_for_bit(tmp_path: Path, preset: str, how: str) -> None:
+    _run([str(tmp_path / "resumed"), preset, "1", how], tmp_path, sharded=True)
     _run([str(tmp_path / "straight"), preset, "1"], tmp_path, sharded=True)
     resumed, straight = _load(tmp_path / "resumed.rank0.pt"), _load(tmp_path / "straight.rank0.pt")
     for name, value in straight["params"].items():
