@@ -34,6 +34,11 @@ Usage::
         --slnb-args "cg_iters=0,diagonal_only=true"          # an ablation
 
 ``--lr [TASK:]OPTIMIZER=LR,LR,...`` replaces one sweep (for every task, or for ``TASK`` only).
+A sweep split over several processes (2 cores: one per task), and SLNB variants run with
+``--slnb-args``, are reported together, against one AdamW target, by ``--merge``::
+
+    python scripts/benchmark.py --merge outputs/bench/clm outputs/bench/cls outputs/bench/variants \\
+        --output-dir outputs/bench/all --write-benchmarks
 """
 
 from __future__ import annotations
@@ -232,6 +237,7 @@ class RunResult:
     rss_growth_mb: float = float("nan")
     cuda_peak_mb: float | None = None
     error: str | None = None
+    variant: str = ""  # SLNB's --slnb-args for this run ("" for the defaults and the peers)
 
     @property
     def final_loss(self) -> float:
@@ -246,7 +252,7 @@ def run_one(task: TaskSpec, data: tuple[Any, ...], opt: str, lr: float, seed: in
             slnb_args: str | None) -> RunResult:
     """Train one (optimizer, lr, seed) from the same initial model; record evals and costs."""
     train, held_out, make_model, collator, metrics_fn = data
-    result = RunResult(task.name, opt, lr, seed)
+    result = RunResult(task.name, opt, lr, seed, variant=(slnb_args or "") if opt == "slnb" else "")
     with script_utils.PeakRSS() as memory, tempfile.TemporaryDirectory() as tmp:
         set_seed(seed)
         model = make_model()
@@ -333,6 +339,7 @@ def mean_curve(runs: Sequence[RunResult]) -> list[tuple[int, float, float]]:
 @dataclass
 class Row:
     optimizer: str
+    variant: str
     lr: float
     final: float
     final_sd: float
@@ -345,55 +352,59 @@ class Row:
     accuracy: float
     curve: list[tuple[int, float, float]]
     errors: int
+    seeds: int
+
+    @property
+    def name(self) -> str:
+        return self.optimizer + (f" ({self.variant})" if self.variant else "")
 
 
 def summarise(runs: Sequence[RunResult]) -> tuple[list[Row], float]:
-    """One row per (optimizer, lr) of a task, and the AdamW target loss (nan without AdamW)."""
-    groups: dict[tuple[str, float], list[RunResult]] = {}
+    """One row per (optimizer, variant, lr) of a task, and the AdamW target loss (nan without)."""
+    groups: dict[tuple[str, str, float], list[RunResult]] = {}
     for r in runs:
-        groups.setdefault((r.optimizer, r.lr), []).append(r)
+        groups.setdefault((r.optimizer, r.variant, r.lr), []).append(r)
     finals = {key: _mean([r.final_loss for r in rs if not r.error]) for key, rs in groups.items()}
-    adamw = [v for (opt, _), v in finals.items() if opt == "adamw" and not math.isnan(v)]
+    adamw = [v for (opt, _, _), v in finals.items() if opt == "adamw" and not math.isnan(v)]
     target = min(adamw) if adamw else float("nan")
     rows = []
-    for (opt, lr), rs in groups.items():
+    for (opt, variant, lr), rs in groups.items():
         ok = [r for r in rs if not r.error]
         curve = mean_curve(ok)
         hit = next((e for e in curve if e[2] <= target), None) if not math.isnan(target) else None
         finals_ok = [r.final_loss for r in ok]
         cuda = [r.cuda_peak_mb for r in ok if r.cuda_peak_mb is not None]
         rows.append(Row(
-            optimizer=opt, lr=lr, final=_mean(finals_ok),
+            optimizer=opt, variant=variant, lr=lr, final=_mean(finals_ok),
             final_sd=statistics.stdev(finals_ok) if len(finals_ok) > 1 else float("nan"),
             best=_mean([r.best_loss for r in ok]),
             steps_to_target=hit[0] if hit else None, seconds_to_target=hit[1] if hit else None,
             step_seconds=_mean([r.step_seconds for r in ok]),
             rss_mb=_mean([r.rss_growth_mb for r in ok]), cuda_mb=_mean(cuda) if cuda else None,
             accuracy=_mean([r.accuracy[-1] for r in ok if r.accuracy]), curve=curve,
-            errors=len(rs) - len(ok),
+            errors=len(rs) - len(ok), seeds=len(ok),
         ))
-    rows.sort(key=lambda row: (OPTIMIZERS.index(row.optimizer), row.lr))
+    rows.sort(key=lambda row: (OPTIMIZERS.index(row.optimizer), row.variant, row.lr))
     return rows, target
 
 
 def best_rows(rows: Sequence[Row]) -> dict[str, Row]:
-    """The lr with the lowest mean final eval loss, per optimizer."""
+    """The lr with the lowest mean final eval loss, per optimizer (and SLNB variant)."""
     best: dict[str, Row] = {}
     for row in rows:
         if math.isnan(row.final):
             continue
-        if row.optimizer not in best or row.final < best[row.optimizer].final:
-            best[row.optimizer] = row
+        if row.name not in best or row.final < best[row.name].final:
+            best[row.name] = row
     return best
 
 
-def markdown_table(task: TaskSpec, rows: Sequence[Row], target: float, n_seeds: int,
-                   slnb_args: str | None) -> str:
+def markdown_table(task: TaskSpec, rows: Sequence[Row], target: float) -> str:
     """The markdown report of one task (best lr per optimizer in bold)."""
     best = best_rows(rows)
     with_acc = any(not math.isnan(r.accuracy) for r in rows)
     with_cuda = any(r.cuda_mb is not None for r in rows)
-    head = ["optimizer", "lr", "final eval loss", "best eval loss",
+    head = ["optimizer", "lr", "seeds", "final eval loss", "best eval loss",
             "steps to AdamW's best", "train s to it", "s/step", "peak RSS growth (MB)"]
     if with_cuda:
         head.append("CUDA peak (MB)")
@@ -401,11 +412,10 @@ def markdown_table(task: TaskSpec, rows: Sequence[Row], target: float, n_seeds: 
         head.append("final accuracy")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mark = "**" if best.get(r.optimizer) is r else ""
+        mark = "**" if best.get(r.name) is r else ""
         sd = f" ± {r.final_sd:.3f}" if not math.isnan(r.final_sd) else ""
-        name = r.optimizer + (f" ({slnb_args})" if r.optimizer == "slnb" and slnb_args else "")
         cells = [
-            f"{mark}{name}{mark}", f"{r.lr:g}",
+            f"{mark}{r.name}{mark}", f"{r.lr:g}", str(r.seeds),
             f"{mark}{r.final:.4f}{mark}{sd}" if not math.isnan(r.final) else "failed",
             f"{r.best:.4f}" if not math.isnan(r.best) else "-",
             str(r.steps_to_target) if r.steps_to_target is not None else "not reached",
@@ -422,9 +432,10 @@ def markdown_table(task: TaskSpec, rows: Sequence[Row], target: float, n_seeds: 
     target_text = f"{target:.4f}" if not math.isnan(target) else "n/a (AdamW not run)"
     return (f"### {task.title}\n\n{task.steps} steps, batch {task.batch_size}, {task.scheduler} "
             f"schedule with {task.warmup:.0%} warmup (schedule-free: constant), weight decay "
-            f"{task.weight_decay}, evaluation every {task.eval_every} steps; mean over {n_seeds} "
-            f"seed(s). AdamW's best final eval loss (the target): {target_text}. Bold: the best "
-            "lr of each optimizer. Times exclude evaluation.\n\n" + "\n".join(lines) + "\n")
+            f"{task.weight_decay}, evaluation every {task.eval_every} steps; losses are means over "
+            f"the seeds. AdamW's best final eval loss (the target): {target_text}. Bold: the "
+            "best lr of each optimizer. Times exclude evaluation.\n\n" + "\n".join(lines)
+            + "\n")
 
 
 def plot_task(task: TaskSpec, rows: Sequence[Row], path: Path) -> Path:
@@ -435,16 +446,16 @@ def plot_task(task: TaskSpec, rows: Sequence[Row], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     best = best_rows(rows)
-    colors = {opt: f"C{i}" for i, opt in enumerate(OPTIMIZERS)}
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.name for r in rows))}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for r in rows:
         if not r.curve:
             continue
         steps, seconds, losses = zip(*r.curve)
-        is_best = best.get(r.optimizer) is r
-        style = {"color": colors[r.optimizer], "alpha": 1.0 if is_best else 0.25,
+        is_best = best.get(r.name) is r
+        style = {"color": colors[r.name], "alpha": 1.0 if is_best else 0.25,
                  "linewidth": 2.0 if is_best else 1.0,
-                 "label": f"{r.optimizer} lr={r.lr:g}" if is_best else None}
+                 "label": f"{r.name} lr={r.lr:g}" if is_best else None}
         axes[0].plot(steps, losses, **style)
         axes[1].plot(seconds, losses, **style)
     axes[0].set_xlabel("optimizer step")
@@ -507,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads for every run (0: torch's default; 1 is "
                         "often fastest on a busy shared CPU).")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                        help="Run nothing: report the runs of earlier benchmarks together (their "
+                        "--output-dir folders or results.json files; e.g. a sweep split over "
+                        "several processes, plus SLNB variants run with --slnb-args).")
     parser.add_argument("--no-isolate", action="store_true",
                         help="Run every configuration in this process (no fork; memory numbers "
                         "are then only indicative).")
@@ -516,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the sweep; print, write and return the tables."""
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)  # forked runs inherit it
     hf_slnb.register()
@@ -573,24 +590,75 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                     "+%.0f MB", name, opt, lr, seed, r.final_loss, r.step_seconds,
                                     r.rss_growth_mb)
                     runs.append(r)
-        rows, target = summarise(runs)
-        table = markdown_table(task, rows, target, len(seeds), slnb_args)
-        plot = plot_task(task, rows, out / f"benchmark_{name}.png")
-        print("\n" + table, flush=True)
-        tables.append((task, table, plot))
-        reports[name] = {"title": task.title, "target": target, "steps": task.steps,
-                         "sweeps": sweeps, "runs": [dataclasses.asdict(r) for r in runs],
-                         "table": table}
+        reports[name] = report_task(task, runs, out, tables)
+        reports[name]["sweeps"] = sweeps
 
-    command = script_utils.command_line()
-    machine = script_utils.machine_description()
-    meta = {"command": command, "machine": machine, "date": script_utils.today(),
-            "seeds": seeds, "slnb_args": slnb_args, "versions": script_utils.framework_versions()}
+    meta = {"command": script_utils.command_line(), "machine": script_utils.machine_description(),
+            "date": script_utils.today(), "seeds": seeds, "slnb_args": slnb_args,
+            "versions": script_utils.framework_versions()}
+    return finish(args, out, meta, reports, tables)
+
+
+def report_task(task: TaskSpec, runs: Sequence[RunResult], out: Path,
+                tables: list[tuple[TaskSpec, str, Path]]) -> dict[str, Any]:
+    """Table and plot of one task's runs (printed, and added to ``tables``)."""
+    rows, target = summarise(runs)
+    table = markdown_table(task, rows, target)
+    plot = plot_task(task, rows, out / f"benchmark_{task.name}.png")
+    print("\n" + table, flush=True)
+    tables.append((task, table, plot))
+    return {"title": task.title, "target": target, "steps": task.steps,
+            "runs": [dataclasses.asdict(r) for r in runs], "table": table}
+
+
+def finish(args: argparse.Namespace, out: Path, meta: dict[str, Any],
+           reports: dict[str, Any], tables: list[tuple[TaskSpec, str, Path]]) -> dict[str, Any]:
+    """Write ``results.json`` (and ``BENCHMARKS.md`` with ``--write-benchmarks``)."""
     (out / "results.json").write_text(json.dumps({**meta, "tasks": reports}, indent=2,
                                                  default=str), encoding="utf-8")
     if args.write_benchmarks:
         append_benchmarks(Path(args.benchmarks_file), tables, meta)
     return {"meta": meta, "tasks": reports}
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """``--merge``: one report from the ``results.json`` of several earlier benchmark runs."""
+    runs: dict[str, list[RunResult]] = {}
+    steps: dict[str, int] = {}
+    sources: list[dict[str, Any]] = []
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    for item in args.merge:
+        path = Path(item) / "results.json" if Path(item).is_dir() else Path(item)
+        if not path.is_file():
+            raise SystemExit(f"--merge {item}: no results.json there (run benchmark.py with "
+                             "--output-dir first).")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        sources.append(data)
+        for name, report in data["tasks"].items():
+            steps[name] = report["steps"]
+            for d in report["runs"]:
+                d = {k: v for k, v in d.items() if k in fields}
+                if "variant" not in d:  # results written before runs recorded their variant
+                    d["variant"] = (data.get("slnb_args") or "") if d["optimizer"] == "slnb" else ""
+                d["evals"] = [tuple(e) for e in d["evals"]]
+                runs.setdefault(name, []).append(RunResult(**d))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    builders = {"clm": clm_task, "cls": cls_task}
+    reports: dict[str, Any] = {}
+    tables: list[tuple[TaskSpec, str, Path]] = []
+    for name, task_runs in runs.items():
+        task = builders[name](False)
+        task.steps = steps[name]
+        points = sorted({e[0] for r in task_runs for e in r.evals})
+        if len(points) > 1:
+            task.eval_every = points[1] - points[0]
+        reports[name] = report_task(task, task_runs, out, tables)
+    first = sources[0]
+    meta = {"command": script_utils.command_line(), "machine": first["machine"],
+            "date": first["date"], "sources": [s["command"] for s in sources],
+            "versions": first["versions"]}
+    return finish(args, out, meta, reports, tables)
 
 
 def append_benchmarks(path: Path, tables: Sequence[tuple[TaskSpec, str, Path]],
@@ -601,9 +669,9 @@ def append_benchmarks(path: Path, tables: Sequence[tuple[TaskSpec, str, Path]],
     stamp = meta["date"]
     versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     parts = [f"\n## {stamp}: `benchmark.py`\n",
-             f"- command: `{meta['command']}`",
-             f"- machine: {meta['machine']}",
-             f"- versions: {versions}\n"]
+             f"- command: `{meta['command']}`"]
+    parts += [f"  - merging the runs of `{source}`" for source in meta.get("sources", [])]
+    parts += [f"- machine: {meta['machine']}", f"- versions: {versions}\n"]
     for task, table, plot in tables:
         target, n = plots_dir / f"{stamp}_{task.name}.png", 1
         while target.exists():  # several benchmarks on one day

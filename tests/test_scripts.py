@@ -241,6 +241,17 @@ def test_benchmark_quick(tmp_path: Path) -> None:
     assert "--slnb-args cg_iters=1" in written and "machine:" in written
     assert "slnb (cg_iters=1)" in written
     assert_png(tmp_path / "benchmarks" / f"{results['date']}_clm.png")
+    # --merge reports these runs with a second copy of them relabelled as another SLNB variant.
+    other = json.loads(json.dumps(results))
+    for r in other["tasks"]["clm"]["runs"]:
+        r.pop("variant", None)
+    other["slnb_args"] = "preset=paper"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    merged = run_script("benchmark.py", "--merge", str(tmp_path / "bench"),
+                        str(tmp_path / "other.json"), "--output-dir", str(tmp_path / "merged"))
+    assert "| slnb (cg_iters=1) |" in merged.stdout.replace("**", "")
+    assert "| slnb (preset=paper) |" in merged.stdout.replace("**", "")
+    assert "| adamw | 0.003 | 2 |" in merged.stdout.replace("**", "")  # one row, both copies
 
 
 @needs_scripts_extra
