@@ -77,6 +77,16 @@ def check_sharding(p: Tensor, name: str) -> object | None:
     return mesh.get_group()
 
 
+def shard_range(p: Tensor) -> tuple[int, int] | None:
+    """Rows ``lo:hi`` of a dim-0 sharded DTensor held by this rank (``None`` if not laid out
+    as ``torch.chunk`` lays it out, which is how ``Shard(0)`` and FSDP2 split a tensor)."""
+    n, ranks = p.shape[0], p.device_mesh.size()  # type: ignore[attr-defined]
+    chunk = -(-n // ranks)
+    lo = min(p.device_mesh.get_local_rank() * chunk, n)  # type: ignore[attr-defined]
+    hi = min(lo + chunk, n)
+    return (lo, hi) if hi - lo == local(p).shape[0] else None
+
+
 def gather_rows(shard: Tensor, like: Tensor) -> Tensor:
     """The full tensor whose dim-0 shards (laid out as DTensor ``like``) are ``shard``."""
     from torch.distributed.tensor import DTensor

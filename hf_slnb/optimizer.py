@@ -146,9 +146,11 @@ class SLNB(Optimizer):
 
     Fully sharded data parallel (FSDP2, ``fully_shard``) is supported: build the optimizer after
     sharding, from the sharded parameters. Every rank sums the statistics of its own batch as in
-    plain data parallel; an ``nn.Linear`` (weight sharded along its output rows, which share one
-    metric) is preconditioned shard by shard, other layers gather their gradient for the solve
-    and keep their shard of the result. The optimizer state is sharded like the parameters.
+    plain data parallel. An ``nn.Linear`` (weight sharded along its output rows, which share one
+    metric) is preconditioned shard by shard, and so are HF ``Conv1D`` and embeddings with the
+    diagonal preconditioner (their shards are input features); other layers gather their
+    gradient for the solve and keep their shard of the result. The optimizer state is sharded
+    like the parameters.
     """
 
     def __init__(
@@ -532,17 +534,28 @@ class SLNB(Optimizer):
         owners = (w, b) if with_bias else (w,)
         g: Vec = tuple(g_hat[id(p)] for p in owners)  # type: ignore[union-attr]
         sharded = is_dtensor(w)
-        gather = sharded and not self._row_local(neuron, owners)
+        mode = self._shard_mode(neuron, owners) if sharded else "whole"
+        gather = mode == "gather"
         if gather:  # the solve needs the whole layer: every rank solves it, keeps its shard
             g = tuple(distributed.gather_rows(t, p) for t, p in zip(g, owners))  # type: ignore[arg-type]
 
         inv_denom = torch.reciprocal(denom)
+        if mode == "features":  # this rank holds the rows of features lo..hi of every unit
+            lo, hi = distributed.shard_range(w)  # type: ignore[misc]
+            mu, inv_denom = mu[lo:hi], inv_denom[lo:hi]
+            if with_bias:
+                g = (g[0], distributed.gather_rows(g[1], b))  # type: ignore[arg-type]
 
         def precond(v: Vec) -> Vec:
             return neuron.precondition(v, mu, inv_denom)
 
         if self.diagonal_only:
             sol, rel = precond(g), None
+            if mode == "features" and with_bias:
+                # b' = b - sum over features of w' mu: this rank's features give one part.
+                part = g[1] - sol[1]
+                distributed.all_reduce_sum([part], self._shard_group)
+                sol = (sol[0], distributed.local_rows(g[1] - part, b))  # type: ignore[arg-type]
         else:
             ridge = group["ridge"]
             if self.ridge_mode == "relative":  # scale-free: relative to the mean feature energy
@@ -571,22 +584,30 @@ class SLNB(Optimizer):
         return rel
 
     # -- fully sharded parameters (FSDP2) --------------------------------------------------------
-    def _row_local(self, neuron: Neuron, owners: tuple[Tensor, ...]) -> bool:
-        """Whether a sharded neuron's solve can run on this rank's rows alone.
+    def _shard_mode(self, neuron: Neuron, owners: tuple[Tensor, ...]) -> str:
+        """How a sharded neuron is solved: ``"rows"``, ``"features"`` or ``"gather"``.
 
-        True for ``nn.Linear`` (rows are output units, which share the metric) with the
-        explicit second moment or the diagonal, and for an ungrouped convolution with the
-        diagonal; the others (HF ``Conv1D``, whose shards split the input features, embeddings,
-        matrix-free products) gather the layer.
+        ``rows``: the shards are whole output units, which share the metric, so each rank
+        solves its own (``nn.Linear`` with the explicit second moment or the diagonal, an
+        ungrouped convolution with the diagonal). ``features``: the shards are input features,
+        and the diagonal preconditioner acts feature by feature (HF ``Conv1D``, stored
+        ``(in, out)``, and embeddings, with the diagonal): a bias is gathered and its
+        correction summed over the shards. ``gather``: everything else (PCG across features,
+        matrix-free products) gathers the layer's gradient, and every rank solves the layer.
         """
         cap = neuron.capture
         if isinstance(neuron, LinearNeuron) and neuron.features_last:
-            ok = self.diagonal_only or (cap is not None and cap.gram is not None)
+            rows = self.diagonal_only or (cap is not None and cap.gram is not None)
         else:
-            ok = (neuron.kind == "conv" and self.diagonal_only
-                  and getattr(neuron.module, "groups", 1) == 1)
-        rows = {local(p).shape[0] for p in owners}
-        return ok and len(rows) == 1
+            rows = (neuron.kind == "conv" and self.diagonal_only
+                    and getattr(neuron.module, "groups", 1) == 1)
+        if rows and len({local(p).shape[0] for p in owners}) == 1:
+            return "rows"
+        by_feature = neuron.kind == "embedding" or (
+            isinstance(neuron, LinearNeuron) and not neuron.features_last)
+        if by_feature and self.diagonal_only and distributed.shard_range(owners[0]) is not None:
+            return "features"
+        return "gather"
 
     def _sharded_dot(self, a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         """Inner product of two row-sharded vectors: the local part summed over the shards."""
