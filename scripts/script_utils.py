@@ -374,3 +374,62 @@ def perplexity(loss: float) -> float:
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     """A dataclass instance as a plain dict (for the card and JSON results)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+# ---------------------------------------------------------------------------------------------
+# What the training scripts share around their own data, model and card
+# ---------------------------------------------------------------------------------------------
+def start(parse: Any, argv: list[str] | None) -> tuple[Any, TrainingArguments]:
+    """Register ``--optim slnb``, parse the arguments, set up logging and the seed."""
+    import logging
+
+    import transformers
+    from transformers import set_seed
+
+    import hf_slnb
+
+    hf_slnb.register()  # --optim slnb, even where the package's auto-registration is off
+    script_args, training_args = parse(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    return script_args, training_args
+
+
+def run_facts() -> dict[str, Any]:
+    """The results entries every script records: machine, command, date and versions."""
+    return {"machine": machine_description(), "command": command_line(), "date": today(),
+            "versions": framework_versions()}
+
+
+def card_tail(args: TrainingArguments, results: Mapping[str, Any],
+              extra: Mapping[str, Any] | None = None, after_training: str = "") -> str:
+    """The model card's last sections: training, framework versions, the reproducing command."""
+    return f"""## Training
+
+{hyperparameter_table(args, extra)}
+
+{optimizer_section(args)}
+{after_training}
+## Framework versions
+
+{versions_table()}
+
+## Reproduce
+
+```bash
+{results['command']}
+```
+"""
+
+
+def write_artefacts(output_dir: str | os.PathLike[str], metadata: Mapping[str, Any], body: str,
+                    results: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
+    """Write the model card and ``results.json`` (the results and the Trainer's log history)."""
+    import json
+
+    write_model_card(output_dir, metadata, body)
+    (Path(output_dir) / "results.json").write_text(
+        json.dumps({**results, "log_history": list(history)}, indent=2, default=str),
+        encoding="utf-8")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -56,10 +55,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
     default_data_collator,
-    set_seed,
 )
-
-import hf_slnb
 
 logger = logging.getLogger(__name__)
 
@@ -353,22 +349,7 @@ for evaluation; the rest is training data. The texts of each split are tokenised
 {script_args.n_head} heads, context {script_args.block_size}, vocabulary {results['vocab_size']:,},
 tied input and output embeddings, dropout {script_args.dropout}: {results['n_params']:,} parameters.
 
-## Training
-
-{script_utils.hyperparameter_table(training_args)}
-
-{script_utils.optimizer_section(training_args)}
-{sample_block}
-## Framework versions
-
-{script_utils.versions_table()}
-
-## Reproduce
-
-```bash
-{results['command']}
-```
-"""
+""" + script_utils.card_tail(training_args, results, after_training=sample_block)
     return metadata, body
 
 
@@ -378,12 +359,7 @@ tied input and output embeddings, dropout {script_args.dropout}: {results['n_par
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate and write the artefacts; return the results (also in ``results.json``)."""
     start = time.perf_counter()
-    hf_slnb.register()  # --optim slnb, even where the package's auto-registration is off
-    script_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if training_args.should_log else logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    script_args, training_args = script_utils.start(parse_args, argv)
 
     files = corpus_files(script_args.corpus)
     tokenizer, train_dataset, eval_dataset = build_data(script_args)
@@ -423,10 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "corpus_bytes": sum(f.stat().st_size for f in files),
         "train_blocks": len(train_dataset),
         "eval_blocks": len(eval_dataset),
-        "machine": script_utils.machine_description(),
-        "command": script_utils.command_line(),
-        "date": script_utils.today(),
-        "versions": script_utils.framework_versions(),
+        **script_utils.run_facts(),
     }
     script_utils.plot_loss_curves(
         history, out / "loss_curve.png",
@@ -436,9 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          training_args.seed)
     results["total_seconds"] = time.perf_counter() - start
     metadata, body = model_card(script_args, training_args, results, sample)
-    script_utils.write_model_card(out, metadata, body)
-    (out / "results.json").write_text(json.dumps({**results, "log_history": history}, indent=2,
-                                                 default=str), encoding="utf-8")
+    script_utils.write_artefacts(out, metadata, body, results, history)
     logger.info("eval loss %.4f (perplexity %.2f) after %d steps; wrote %s", results["eval_loss"],
                 results["eval_perplexity"], steps, out)
     return results

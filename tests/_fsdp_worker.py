@@ -54,7 +54,7 @@ def build(sharded: bool, preset: str) -> tuple[nn.Module, SLNB]:
     return model, SLNB(model.parameters(), model=model, preset=preset, lr=lr)
 
 
-def batches(rank: int, world: int):  # noqa: ANN201 - a generator of (x, idx, y)
+def batches(rank: int, world: int):
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         x = torch.randn(GLOBAL_BATCH, 3, 6, generator=g)

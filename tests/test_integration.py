@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from conftest import run_launch
 from datasets import Dataset
 from transformers import (
     BertConfig,
@@ -43,10 +44,9 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import hf_slnb
-from conftest import run_launch
-from hf_slnb.optimizer import PRESETS
 from hf_slnb import SLNB, integration
 from hf_slnb.integration import SLNBTrainingArguments, parse_optim_args
+from hf_slnb.optimizer import PRESETS
 
 hf_slnb.register()  # in-process tests do not rely on the .pth hook being installed
 
