@@ -34,7 +34,6 @@ import importlib.metadata
 import json
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,6 @@ set_offline()
 
 import numpy as np
 import script_utils
-import torch
 import transformers
 from datasets import Dataset
 from transformers import (
@@ -54,7 +52,6 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     PreTrainedModel,
     Trainer,
     TrainingArguments,
@@ -218,25 +215,9 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return metrics
 
 
-def optim_name(args: TrainingArguments) -> str:
-    """``--optim`` as a plain string (it parses into an ``OptimizerNames`` member)."""
-    return str(getattr(args.optim, "value", args.optim))
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
     """Parse the command line over :data:`TRAINING_DEFAULTS` (the user's flags win)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = dict(TRAINING_DEFAULTS)
-    learning_rate = script_utils.default_learning_rate(argv, DEFAULT_LR)
-    if learning_rate is not None:
-        defaults["learning_rate"] = learning_rate
-    if not torch.cuda.is_available():
-        defaults["dataloader_pin_memory"] = "false"  # nothing to pin memory for
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))  # type: ignore[arg-type]
-    script_args, training_args = parser.parse_args_into_dataclasses(
-        args=script_utils.with_defaults(argv, defaults)
-    )
-    return script_args, training_args
+    return script_utils.parse_with_defaults(ScriptArguments, argv, TRAINING_DEFAULTS, DEFAULT_LR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, Training
 def model_card(script_args: ScriptArguments, training_args: TrainingArguments,
                results: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """YAML metadata and markdown body of the model card."""
-    optim = optim_name(training_args)
+    optim = script_utils.optim_name(training_args)
     name = script_args.model_name or f"minilm-kjv-testament-{optim}"
     base = script_args.model_name_or_path or "sentence-transformers/all-MiniLM-L6-v2"
     metadata = {
@@ -363,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     script_utils.plot_loss_curves(
         history, out / "loss_curve.png",
-        f"MiniLM on KJV testament, {optim_name(training_args)}: "
+        f"MiniLM on KJV testament, {script_utils.optim_name(training_args)}: "
         f"eval accuracy {results['eval_accuracy']:.3f}",
     )
     results["total_seconds"] = time.perf_counter() - start

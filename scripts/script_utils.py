@@ -433,3 +433,31 @@ def write_artefacts(output_dir: str | os.PathLike[str], metadata: Mapping[str, A
     (Path(output_dir) / "results.json").write_text(
         json.dumps({**results, "log_history": list(history)}, indent=2, default=str),
         encoding="utf-8")
+
+
+def optim_name(args: TrainingArguments) -> str:
+    """``--optim`` as a plain string (it parses into an ``OptimizerNames`` member)."""
+    return str(getattr(args.optim, "value", args.optim))
+
+
+def parse_with_defaults(script_cls: type, argv: list[str] | None, defaults: Mapping[str, Any],
+                        adam_like_lr: float) -> tuple[Any, TrainingArguments]:
+    """Parse ``(script_cls, TrainingArguments)`` over a script's defaults (the user's flags win).
+
+    The default learning rate is ``adam_like_lr``, or SLNB's radius where ``--optim_args``
+    asks for the paper preset (see :func:`default_learning_rate`).
+    """
+    import torch
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = dict(defaults)
+    learning_rate = default_learning_rate(argv, adam_like_lr)
+    if learning_rate is not None:
+        defaults["learning_rate"] = learning_rate
+    if not torch.cuda.is_available():
+        defaults["dataloader_pin_memory"] = "false"  # nothing to pin memory for
+    parser = HfArgumentParser((script_cls, TrainingArguments))  # type: ignore[arg-type]
+    script_args, training_args = parser.parse_args_into_dataclasses(
+        args=with_defaults(argv, defaults))
+    return script_args, training_args

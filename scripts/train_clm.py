@@ -32,7 +32,6 @@ import glob
 import importlib.util
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,6 @@ from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    HfArgumentParser,
     PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
@@ -228,25 +226,9 @@ def build_model(args: ScriptArguments, tokenizer: Any) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def optim_name(args: TrainingArguments) -> str:
-    """``--optim`` as a plain string (it parses into an ``OptimizerNames`` member)."""
-    return str(getattr(args.optim, "value", args.optim))
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, TrainingArguments]:
     """Parse the command line over :data:`TRAINING_DEFAULTS` (the user's flags win)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = dict(TRAINING_DEFAULTS)
-    learning_rate = script_utils.default_learning_rate(argv, DEFAULT_LR)
-    if learning_rate is not None:
-        defaults["learning_rate"] = learning_rate
-    if not torch.cuda.is_available():
-        defaults["dataloader_pin_memory"] = "false"  # nothing to pin memory for
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))  # type: ignore[arg-type]
-    script_args, training_args = parser.parse_args_into_dataclasses(
-        args=script_utils.with_defaults(argv, defaults)
-    )
-    return script_args, training_args
+    return script_utils.parse_with_defaults(ScriptArguments, argv, TRAINING_DEFAULTS, DEFAULT_LR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +251,7 @@ def sample_text(model: GPT2LMHeadModel, tokenizer: Any, prompt: str, tokens: int
 def model_card(script_args: ScriptArguments, training_args: TrainingArguments,
                results: dict[str, Any], sample: str) -> tuple[dict[str, Any], str]:
     """YAML metadata and markdown body of the model card."""
-    optim = optim_name(training_args)
+    optim = script_utils.optim_name(training_args)
     name = script_args.model_name or f"gpt2-shakespeare-{optim}"
     size = f"{results['corpus_files']} files, {results['corpus_bytes'] / 1e6:.1f} MB"
     if script_args.max_corpus_chars is not None:
@@ -403,7 +385,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     script_utils.plot_loss_curves(
         history, out / "loss_curve.png",
-        f"GPT-2 {n_params / 1e6:.1f}M on Shakespeare, {optim_name(training_args)}",
+        f"GPT-2 {n_params / 1e6:.1f}M on Shakespeare, "
+        f"{script_utils.optim_name(training_args)}",
     )
     sample = sample_text(model, tokenizer, script_args.sample_prompt, script_args.sample_tokens,
                          training_args.seed)
