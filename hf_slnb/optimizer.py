@@ -250,8 +250,8 @@ class SLNB(Optimizer):
         self._names = self._parameter_names(model)
         self._shard_group = self._check_sharding()
         self.neurons: list[Neuron] = self._find_neurons(model, patterns)
-        self._neuron_of = {id(n.weight): n for n in self.neurons}
-        self._bias_owner = {id(n.bias): n for n in self.neurons if n.bias is not None}
+        self._index_neurons()
+        self._param_ids = self._current_param_ids()
         self._handles = [
             n.module.register_forward_hook(self._make_hook(n), with_kwargs=True)
             for n in self.neurons
@@ -301,6 +301,35 @@ class SLNB(Optimizer):
             owners.sort(key=lambda n: n.kind == "embedding")
             chosen.append(owners[0])
         return chosen
+
+    def _index_neurons(self) -> None:
+        self._neuron_of = {id(n.weight): n for n in self.neurons}
+        self._bias_owner = {id(n.bias): n for n in self.neurons if n.bias is not None}
+
+    def _current_param_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for g in self.param_groups for p in g["params"])
+
+    def _follow_replaced_params(self) -> None:
+        """Rebind the layers to parameters replaced after construction.
+
+        Accelerate prepares an FSDP2 model after the Trainer has built the optimizer: it shards
+        the model, which replaces every parameter, and swaps the new ones into the parameter
+        groups. The hooked modules stay; their weights are looked up again.
+        """
+        ids = self._current_param_ids()
+        if ids == self._param_ids:
+            return
+        self._param_ids = ids
+        self._names = self._parameter_names(self.model)
+        self._shard_group = self._check_sharding()
+        mine = set(ids)
+        for n in self.neurons:
+            weight = getattr(n.module, "weight", None)
+            if isinstance(weight, Tensor):
+                n.weight = weight
+            bias = getattr(n.module, "bias", None)
+            n.bias = bias if isinstance(bias, Tensor) and id(bias) in mine else None
+        self._index_neurons()
 
     def _make_hook(self, neuron: Neuron) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -412,6 +441,7 @@ class SLNB(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_replaced_params()
         world = distributed.world_size(self.process_group)
         group_of: dict[int, dict[str, Any]] = {}
         params: list[Tensor] = []
