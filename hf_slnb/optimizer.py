@@ -545,22 +545,7 @@ class SLNB(Optimizer):
         with_bias = b is not None and id(b) in g_hat
         group = group_of[id(w)]
         state = self.state[w]
-        if "mu" not in state:
-            d = neuron.num_features
-            state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=w.device)
-            state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=w.device)
-            state["stat_step"] = torch.zeros((), dtype=torch.float32)
-        state["stat_step"] += 1
-        t = int(state["stat_step"].item())
-        state["mu"].lerp_(cap.sum_x / cap.count, 1.0 - group["mean_decay"])
-        state["nu"].lerp_(cap.square_sums() / cap.count, 1.0 - group["sq_mean_decay"])
-        nu = bias_corrected(state["nu"], group["sq_mean_decay"], t)
-        mu, denom = preconditioner_terms(
-            bias_corrected(state["mu"], group["mean_decay"], t),
-            nu,
-            group["shrinkage"],
-            with_bias,
-        )
+        mu, nu, denom = self._update_statistics(neuron, state, group, with_bias)
         owners = (w, b) if with_bias else (w,)
         g: Vec = tuple(g_hat[id(p)] for p in owners)  # type: ignore[union-attr]
         sharded = is_dtensor(w)
@@ -612,6 +597,27 @@ class SLNB(Optimizer):
         if with_bias:
             h[id(b)] = sol[1]
         return rel
+
+    def _update_statistics(self, neuron: Neuron, state: dict[str, Any], group: dict[str, Any],
+                           with_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Fold this step's capture into the feature EMAs; return ``(mu, nu, denom)``.
+
+        ``mu`` and ``nu`` are bias-corrected; ``denom`` is the preconditioner's denominator.
+        """
+        cap = neuron._captured()
+        if "mu" not in state:
+            d = neuron.num_features
+            state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=neuron.weight.device)
+            state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=neuron.weight.device)
+            state["stat_step"] = torch.zeros((), dtype=torch.float32)
+        state["stat_step"] += 1
+        t = int(state["stat_step"].item())
+        state["mu"].lerp_(cap.sum_x / cap.count, 1.0 - group["mean_decay"])
+        state["nu"].lerp_(cap.square_sums() / cap.count, 1.0 - group["sq_mean_decay"])
+        nu = bias_corrected(state["nu"], group["sq_mean_decay"], t)
+        mu, denom = preconditioner_terms(
+            bias_corrected(state["mu"], group["mean_decay"], t), nu, group["shrinkage"], with_bias)
+        return mu, nu, denom
 
     # -- fully sharded parameters (FSDP2) --------------------------------------------------------
     def _shard_mode(self, neuron: Neuron, owners: tuple[Tensor, ...]) -> str:
