@@ -454,7 +454,7 @@ def plot_task(task: TaskSpec, rows: Sequence[Row], path: Path) -> Path:
         steps, seconds, losses = zip(*r.curve)
         is_best = best.get(r.name) is r
         style = {"color": colors[r.name], "alpha": 1.0 if is_best else 0.25,
-                 "linewidth": 2.0 if is_best else 1.0,
+                 "linewidth": 2.0 if is_best else 1.0, "linestyle": "--" if r.variant else "-",
                  "label": f"{r.name} lr={r.lr:g}" if is_best else None}
         axes[0].plot(steps, losses, **style)
         axes[1].plot(seconds, losses, **style)
