@@ -28,9 +28,9 @@ RIDGE_MODES = ("absolute", "relative")
 #: output row (its ridge settings apply when ``diagonal_only=False`` is asked for).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"lr": 0.1, "ridge": 0.1, "ridge_mode": "absolute", "trust_region": "global",
-              "diagonal_only": False},
+              "diagonal_only": False, "precondition_embeddings": True},
     "graft": {"lr": 3e-3, "ridge": 1.0, "ridge_mode": "relative", "trust_region": "graft_row",
-              "diagonal_only": True},
+              "diagonal_only": True, "precondition_embeddings": True},
 }
 TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
@@ -95,7 +95,8 @@ class SLNB(Optimizer):
         model: The module whose layers are hooked to capture their inputs. It must own every
             parameter in ``params``.
         preset: ``"graft"`` (default) or ``"paper"``: the values of ``lr``, ``ridge``,
-            ``ridge_mode``, ``trust_region`` and ``diagonal_only`` left at ``None``.
+            ``ridge_mode``, ``trust_region``, ``diagonal_only`` and ``precondition_embeddings``
+            left at ``None``.
             ``"paper"`` is the published algorithm (ALGORITHM.md) exactly: ``lr=0.1``,
             ``ridge=0.1``, absolute ridge, one global trust region, PCG. ``"graft"`` keeps
             SLNB's diagonal preconditioner and takes Adam's step size per output row:
@@ -119,7 +120,8 @@ class SLNB(Optimizer):
         diagonal_only: Skip PCG and use ``h = P g`` (no second moments, no PCG: about the cost
             of AdamW). Default: the preset's (paper False, graft True).
         precondition_embeddings: Give ``nn.Embedding`` its exact one-hot metric (a diagonal of
-            token frequencies). Default True.
+            token frequencies); otherwise embeddings use the identity metric (with the graft
+            trust regions: Adam's step). Default: the preset's (paper True, graft True).
         skip_modules: Regular expressions; a module whose qualified name matches one
             (``re.search``) gets the identity metric. Default none.
         metric_backend: ``"auto"`` (per layer and step, by estimated flops), ``"explicit"``
@@ -169,7 +171,7 @@ class SLNB(Optimizer):
         min_norm: float = 1e-2,
         weight_decay: float = 1e-4,
         diagonal_only: bool | None = None,
-        precondition_embeddings: bool = True,
+        precondition_embeddings: bool | None = None,
         skip_modules: Sequence[str] = (),
         metric_backend: str = "auto",
         cg_tol: float = 1e-5,
@@ -187,6 +189,8 @@ class SLNB(Optimizer):
         ridge_mode = chosen["ridge_mode"] if ridge_mode is None else ridge_mode
         trust_region = chosen["trust_region"] if trust_region is None else trust_region
         diagonal_only = chosen["diagonal_only"] if diagonal_only is None else diagonal_only
+        if precondition_embeddings is None:
+            precondition_embeddings = chosen["precondition_embeddings"]
         self.preset = preset
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, mean_decay=mean_decay,

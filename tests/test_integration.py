@@ -165,7 +165,7 @@ def test_slnb_training_arguments_help_and_defaults(tmp_path: Path) -> None:
             assert default == (list(expected) if isinstance(expected, tuple) else expected), f.name
     (args,) = HfArgumentParser(SLNBTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--slnb_cg_iters", "5", "--slnb_skip_modules", "lm_head",
-         "wte", "--no_slnb_precondition_embeddings", "--slnb_metric_backend", "explicit"]
+         "wte", "--slnb_precondition_embeddings", "false", "--slnb_metric_backend", "explicit"]
     )
     assert args.optim is OptimizerNames.SLNB  # the default of SLNBTrainingArguments
     kwargs = integration.slnb_optimizer_kwargs(args)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hf_slnb import SLNB
+from hf_slnb.optimizer import PRESETS
 
 
 def _setup(seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
@@ -164,3 +165,15 @@ def test_presets_set_only_what_is_not_given() -> None:
     assert (graft.defaults["lr"], graft.defaults["ridge"], graft.trust_region,
             graft.ridge_mode) == (3e-3, 1.0, "graft_row", "relative")
     assert mixed.defaults["ridge"] == 0.7 and mixed.trust_region == "global"
+
+
+def test_presets_decide_whether_embeddings_are_preconditioned() -> None:
+    m = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
+    kinds = {name: {n.kind for n in SLNB(m.parameters(), model=m, preset=name).neurons}
+             for name in PRESETS}
+    for name, settings in PRESETS.items():
+        assert ("embedding" in kinds[name]) == settings["precondition_embeddings"], name
+    # ALGORITHM.md makes every embedding a neuron: the paper preset must keep it.
+    assert PRESETS["paper"]["precondition_embeddings"] is True
+    off = SLNB(m.parameters(), model=m, preset="paper", precondition_embeddings=False)
+    assert {n.kind for n in off.neurons} == {"linear"}
