@@ -446,7 +446,9 @@ def plot_task(task: TaskSpec, rows: Sequence[Row], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     best = best_rows(rows)
-    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r.name for r in rows))}
+    names = list(dict.fromkeys(r.name for r in rows))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {name: palette(i % palette.N) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, sharey=True)
     for r in rows:
         if not r.curve:
