@@ -14,6 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
 
 def world_size(group: object | None = None) -> int:
     """Number of data-parallel processes (1 when ``torch.distributed`` is not initialised)."""
@@ -44,11 +49,7 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: object | None = None) -> No
 # ---------------------------------------------------------------------------------------------
 def is_dtensor(t: object) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -89,19 +90,14 @@ def shard_range(p: Tensor) -> tuple[int, int] | None:
 
 def gather_rows(shard: Tensor, like: Tensor) -> Tensor:
     """The full tensor whose dim-0 shards (laid out as DTensor ``like``) are ``shard``."""
-    from torch.distributed.tensor import DTensor
-
     return DTensor.from_local(shard, like.device_mesh, like.placements,  # type: ignore[attr-defined]
                               shape=like.shape, stride=like.stride()).full_tensor()
 
 
 def local_rows(full: Tensor, like: Tensor) -> Tensor:
     """This rank's dim-0 shard of ``full``, laid out as DTensor ``like`` (no communication)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    out = distribute_tensor(full, like.device_mesh, like.placements,  # type: ignore[attr-defined]
-                            src_data_rank=None).to_local()
-    if out.shape != like.to_local().shape:  # type: ignore[attr-defined]
-        raise RuntimeError(f"SLNB: a shard of shape {tuple(out.shape)} does not match the "
-                           f"parameter's local shard {tuple(like.to_local().shape)}.")  # type: ignore[attr-defined]
-    return out
+    rows = shard_range(like)
+    if rows is None:
+        raise RuntimeError(f"SLNB: the local shard {tuple(local(like).shape)} of a parameter "
+                           f"of shape {tuple(like.shape)} is not a torch.chunk row block.")
+    return full[rows[0]:rows[1]]

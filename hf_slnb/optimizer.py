@@ -602,6 +602,14 @@ class SLNB(Optimizer):
             h[id(b)] = sol[1]
         return rel
 
+    @staticmethod
+    def _init_statistics(neuron: Neuron, state: dict[str, Any]) -> None:
+        """Zero feature EMAs and their step count (what the first step with inputs starts from)."""
+        d = neuron.num_features
+        state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=neuron.weight.device)
+        state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=neuron.weight.device)
+        state["stat_step"] = torch.zeros((), dtype=torch.float32)
+
     def _update_statistics(self, neuron: Neuron, state: dict[str, Any], group: dict[str, Any],
                            with_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Fold this step's capture into the feature EMAs; return ``(mu, nu, denom)``.
@@ -610,10 +618,7 @@ class SLNB(Optimizer):
         """
         cap = neuron._captured()
         if "mu" not in state:
-            d = neuron.num_features
-            state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=neuron.weight.device)
-            state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=neuron.weight.device)
-            state["stat_step"] = torch.zeros((), dtype=torch.float32)
+            self._init_statistics(neuron, state)
         state["stat_step"] += 1
         t = int(state["stat_step"].item())
         state["mu"].lerp_(cap.sum_x / cap.count, 1.0 - group["mean_decay"])
@@ -661,7 +666,7 @@ class SLNB(Optimizer):
         if saved is None:
             return torch.zeros_like(like)
         if is_dtensor(saved):
-            return saved.full_tensor() if gather else local(saved).clone()  # type: ignore[attr-defined]
+            return saved.full_tensor() if gather else local(saved)  # type: ignore[attr-defined]
         return saved
 
     def _init_sharded_state(self, p: Tensor, state: dict[str, Any]) -> None:
@@ -678,10 +683,7 @@ class SLNB(Optimizer):
             state["metric_sq"] = torch.zeros((), dtype=dtype, device=p.device)
         neuron = self._neuron_of.get(id(p))
         if neuron is not None:
-            d = neuron.num_features
-            state["mu"] = torch.zeros(d, dtype=neuron.dtype, device=p.device)
-            state["nu"] = torch.zeros(d, dtype=neuron.dtype, device=p.device)
-            state["stat_step"] = torch.zeros((), dtype=torch.float32)
+            self._init_statistics(neuron, state)
         if not self.diagonal_only and (neuron is not None or id(p) in self._bias_owner):
             state["solution"] = torch.zeros_like(p, dtype=dtype)
 
