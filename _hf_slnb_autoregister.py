@@ -9,8 +9,9 @@ a program imports one of the transformers modules below, and each is patched by
 * ``transformers.training_args``: ``"slnb"`` becomes an ``OptimizerNames`` member, so
   ``--optim slnb`` parses, ``TrainingArguments(optim="slnb")`` validates and a checkpoint's
   ``training_args.bin`` unpickles;
-* ``transformers.trainer_optimizer``: the Trainer's optimizer handler for ``"slnb"``;
-* ``transformers.trainer``: fail-fast checks, SLNB diagnostics in the logs, the model card.
+* ``transformers.trainer``: the Trainer's optimizer for ``"slnb"``
+  (``Trainer.get_optimizer_cls_and_kwargs``), fail-fast checks, SLNB diagnostics in the logs,
+  the model card.
 
 Set ``HF_SLNB_AUTOREGISTER=0`` to switch this off (then ``--optim slnb`` gives transformers' stock
 error unless the program calls ``hf_slnb.register()``). A failure never breaks start-up or the
@@ -33,7 +34,7 @@ ENV_VAR = "HF_SLNB_AUTOREGISTER"
 _FALSE = ("0", "false", "no", "off")
 
 #: Modules patched right after they load, in the order transformers imports them.
-TARGETS = ("transformers.training_args", "transformers.trainer_optimizer", "transformers.trainer")
+TARGETS = ("transformers.training_args", "transformers.trainer")
 
 
 def enabled() -> bool:

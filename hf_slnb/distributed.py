@@ -16,8 +16,14 @@ from torch import Tensor
 
 try:
     from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+except ImportError:
+    try:  # torch before 2.5 kept it private; SLNB refuses such parameters (check_sharding)
+        from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    except ImportError:  # torch built without distributed support
+        DTensor = None  # type: ignore[assignment,misc]
+
+#: The oldest torch whose FSDP2 (``torch.distributed.fsdp.fully_shard``) SLNB supports.
+FSDP2_MIN_TORCH = (2, 6)
 
 
 def world_size(group: object | None = None) -> int:
@@ -65,6 +71,12 @@ def check_sharding(p: Tensor, name: str) -> object | None:
     """
     if not is_dtensor(p):
         return None
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version < FSDP2_MIN_TORCH:
+        raise ValueError(
+            f"Invalid parameter {name!r}: a DTensor (sharded parameter) under torch "
+            f"{torch.__version__}; SLNB supports sharded parameters (FSDP2) from torch "
+            f"{'.'.join(map(str, FSDP2_MIN_TORCH))} on. Upgrade torch or train without sharding.")
     from torch.distributed.tensor import Shard
 
     mesh, placements = p.device_mesh, tuple(p.placements)  # type: ignore[attr-defined]

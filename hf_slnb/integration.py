@@ -1,8 +1,8 @@
 """SLNB in the Hugging Face Trainer: ``--optim slnb``, typed options, diagnostics, model card.
 
 Installing the package is enough: a ``.pth`` hook (``_hf_slnb_autoregister``) calls
-:func:`patch_module` on ``transformers.training_args``, ``transformers.trainer_optimizer`` and
-``transformers.trainer`` right after each loads, so unmodified scripts accept ``--optim slnb``.
+:func:`patch_module` on ``transformers.training_args`` and ``transformers.trainer`` right after
+each loads, so unmodified scripts accept ``--optim slnb``.
 :func:`register` does the same explicitly (for ``HF_SLNB_AUTOREGISTER=0`` or an environment
 where the ``.pth`` hook is not installed).
 
@@ -13,8 +13,10 @@ What registration changes, and nothing more:
 * ``TrainingArguments.__post_init__`` is wrapped: with ``optim="slnb"`` it fails fast on setups
   SLNB does not support, validates the SLNB options and, when ``learning_rate`` was left at the
   class default (5e-5 for Adam), uses SLNB's own default lr instead;
-* the Trainer's optimizer handler table gains ``"slnb"``: the Trainer's parameter groups (no
-  weight decay on biases and norms) are passed to :class:`~hf_slnb.SLNB` bound to the model;
+* ``Trainer.get_optimizer_cls_and_kwargs`` (public and unchanged from transformers 5.0 to 5.24)
+  answers ``"slnb"``: the Trainer's parameter groups (no weight decay on biases and norms) are
+  passed to :class:`~hf_slnb.SLNB` bound to the model; every other ``--optim`` goes to the
+  original;
 * ``Trainer.log`` adds :meth:`SLNB.diagnostics` to training logs (only on logging steps),
   ``Trainer.__init__`` re-checks the accelerator's setup and makes the model card name SLNB.
 
@@ -51,8 +53,11 @@ logger = logging.getLogger(__name__)
 
 #: The value of ``--optim`` that selects SLNB.
 OPTIM_NAME = "slnb"
-#: transformers versions this glue is tested with (it patches private Trainer tables).
-SUPPORTED_TRANSFORMERS = ">=5.23,<5.25"
+#: transformers versions this glue is tested with: CI runs the integration tests on the newest
+#: release and on 5.0.0. It uses only public entry points (``OptimizerNames``,
+#: ``TrainingArguments.__post_init__``, ``Trainer.get_optimizer_cls_and_kwargs``), so later 5.x
+#: releases are allowed; 6.0 may change them.
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 #: Environment variable that switches the ``.pth`` auto-registration off ("0").
 AUTOREGISTER_ENV = "HF_SLNB_AUTOREGISTER"
 
@@ -117,6 +122,13 @@ class SLNBTrainingArguments(TrainingArguments):
                   f"at 5e-05 (Adam's default) the paper's lr ({PRESETS['paper']['lr']}) is used "
                   "instead."},
     )
+    optim_args: str | None = field(
+        default=None,
+        metadata={"help": "With --optim slnb: SLNB options as comma-separated key=value pairs, "
+                  "e.g. 'preset=paper,cg_iters=4'; the keys are the --slnb_* options without "
+                  "the prefix, and a key given here wins over its --slnb_* flag. Other "
+                  "optimizers read their own keys."},
+    )
     slnb_preset: str = _option(
         "preset", "'graft' (default: SLNB's direction, damped ridge, Adam's step size per "
         "output row) or 'paper' (the published algorithm exactly). Sets lr, ridge, ridge_mode "
@@ -157,8 +169,9 @@ class SLNBTrainingArguments(TrainingArguments):
     slnb_trust_region: str = _option(
         "trust_region", "'global' (the paper: one unit step under the metric for the whole "
         "model; lr is its radius), 'tensor' (each tensor divided by its metric RMS, as in "
-        "Adam-mini) or 'graft' (each tensor's step has Adam's norm and SLNB's direction); with "
-        "'tensor' and 'graft' lr is an Adam-like per-element step.",
+        "Adam-mini), 'graft' (each tensor's step has Adam's norm and SLNB's direction) or "
+        "'graft_row' (the default preset's: Adam's norm per output row of each layer); with "
+        "'tensor', 'graft' and 'graft_row' lr is an Adam-like per-element step.",
         choices=list(TRUST_REGIONS))
     slnb_norm_decay: float = _option("norm_decay", "decay of the per-tensor metric RMS "
                                      "('tensor') or of Adam's squared gradients ('graft'), "
@@ -410,16 +423,21 @@ def _bind_model(model: torch.nn.Module) -> type[SLNB]:
     return TrainerSLNB
 
 
-def _slnb_handler(ctx: Any) -> tuple[type[SLNB], dict[str, Any]]:
-    """Handler for ``_OPTIMIZER_HANDLERS["slnb"]``: the optimizer class and its kwargs."""
-    args, model = ctx.args, ctx.model
+def _get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, Any]:
+    """``Trainer.get_optimizer_cls_and_kwargs`` that also knows ``--optim slnb``.
+
+    Every other optimizer name goes to transformers' own function, unchanged.
+    """
+    if not _is_slnb(args.optim):
+        return getattr(_get_optimizer_cls_and_kwargs, _WRAPPED)(args, model)
     if model is None:
         raise ValueError("--optim slnb needs the model: SLNB hooks its layers. Build the "
                          "optimizer through Trainer.create_optimizer().")
     _check_setup(args)  # SLNB itself checks that sharded parameters are FSDP2's
-    ctx.optimizer_kwargs.update(slnb_optimizer_kwargs(args), weight_decay=args.weight_decay)
+    kwargs = {"lr": args.learning_rate, **slnb_optimizer_kwargs(args),
+              "weight_decay": args.weight_decay}
     _destroy_process_group_at_exit()
-    return _bind_model(model), ctx.optimizer_kwargs
+    return _bind_model(model), kwargs
 
 
 _EXIT_HOOK: list[bool] = []
@@ -495,13 +513,56 @@ def _trainer_log(self: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -
 
 
 def card_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
-    """Every SLNB hyperparameter the Trainer uses with ``args`` (given or default)."""
-    values: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+    """The SLNB hyperparameters that acted in a run with ``args`` (given or default).
+
+    Options that do nothing under the resolved settings are left out: the PCG options
+    (``ridge``, ``ridge_mode``, ``cg_iters``, ``cg_tol``, ``metric_backend``) with
+    ``diagonal_only=True``, ``min_norm`` outside the global trust region, ``norm_decay`` and
+    ``eps`` inside it.
+    """
     kwargs = slnb_optimizer_kwargs(args)
+    values: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
     for name in _option_types():
         values[name] = resolved_option(name, kwargs)
     values["skip_modules"] = list(values["skip_modules"])
-    return values
+    inactive = set()
+    if values["diagonal_only"]:
+        inactive |= {"ridge", "ridge_mode", "cg_iters", "cg_tol", "metric_backend"}
+    if values["trust_region"] == "global":
+        inactive |= {"norm_decay", "eps"}
+    else:
+        inactive.add("min_norm")
+    return {k: v for k, v in values.items() if k not in inactive}
+
+
+def describe_update(values: dict[str, Any]) -> str:
+    """One paragraph saying what SLNB computed with these (resolved) hyperparameters."""
+    if values["diagonal_only"]:
+        direction = (
+            "The direction of each linear layer is its momentum gradient preconditioned by "
+            "SLNB's diagonal incomplete-Cholesky inverse of the layer's input-feature second "
+            "moment (means and variances of the inputs, `h = P g`; no conjugate gradient).")
+    else:
+        direction = (
+            "The direction of each linear layer solves its input-feature metric "
+            "`(J^T J / N + ridge) h = g` (momentum gradient `g`) by "
+            f"{values['cg_iters']} warm-started preconditioned conjugate-gradient iterations, "
+            f"{values['ridge_mode']} ridge {values['ridge']:g}.")
+    if not values["precondition_embeddings"]:
+        direction += " Embeddings take the identity metric."
+    rule = values["trust_region"]
+    if rule == "global":
+        step = ("The whole update is one step of metric length `lr` (a trust-region radius), "
+                "as published.")
+    elif rule == "tensor":
+        step = ("Each tensor's step is divided by its moving metric RMS (Adam-mini style), so "
+                "`lr` is an Adam-like step.")
+    else:
+        where = "each output row of every layer" if rule == "graft_row" else "each tensor"
+        step = (f"The step length of {where} is Adam's (Adam grafting, beta2 "
+                f"{values['norm_decay']:g}, eps {values['eps']:g}), so `lr` is an Adam-like "
+                "step; parameters outside linear layers (norms, scalars) take Adam's step.")
+    return f"{direction} {step}"
 
 
 def _optimizer_line(args: TrainingArguments) -> str:
@@ -510,18 +571,20 @@ def _optimizer_line(args: TrainingArguments) -> str:
 
 
 def model_card_section(args: TrainingArguments) -> str:
-    """The markdown section that names SLNB and its hyperparameters in a model card."""
+    """The markdown section that says what SLNB did in a run, for its model card."""
     from . import __version__
 
-    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in card_hyperparameters(args).items())
+    values = card_hyperparameters(args)
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in values.items())
     return (
         f"{_CARD_BEGIN}\n"
         "## Optimizer\n\n"
         "Trained with **SLNB** (Simple Linear Neuron Boosting; D. Munoz, "
-        f"[arXiv:2502.01131]({PAPER_URL})), `--optim slnb` from `hf_slnb` {__version__}: "
-        "gradient descent in which every linear layer's inputs are whitened in the metric "
-        "(preconditioned conjugate gradient). Weight decay is not applied to biases and "
-        "normalisation weights.\n\n"
+        f"[arXiv:2502.01131]({PAPER_URL})), `--optim slnb` from the `hf_slnb` package "
+        f"{__version__}, preset `{values['preset']}`. {describe_update(values)} Weight decay is "
+        "not applied to biases and normalisation weights.\n\n"
+        "The hyperparameters that acted (options without effect under these settings are "
+        "not listed):\n\n"
         "| hyperparameter | value |\n|---|---|\n"
         f"{rows}\n"
         f"{_CARD_END}\n"
@@ -585,13 +648,17 @@ def _extend_enum(enum_cls: Any, name: str, value: str) -> Any:
 
 
 def _wrap(owner: Any, attr: str, wrapper: Any) -> None:
-    """Install ``wrapper`` as ``owner.attr`` once; the wrapper finds the original on itself."""
+    """Install ``wrapper`` as ``owner.attr`` once; the wrapper finds the original on itself.
+
+    A ``staticmethod`` stays one.
+    """
     current = getattr(owner, attr)
     if getattr(current, _WRAPPED, None) is not None:
         return
     functools.update_wrapper(wrapper, current, updated=())
     setattr(wrapper, _WRAPPED, current)
-    setattr(owner, attr, wrapper)
+    static = isinstance(inspect.getattr_static(owner, attr), staticmethod)
+    setattr(owner, attr, staticmethod(wrapper) if static else wrapper)
 
 
 def _patch_training_args(module: ModuleType) -> None:
@@ -599,13 +666,10 @@ def _patch_training_args(module: ModuleType) -> None:
     _wrap(module.TrainingArguments, "__post_init__", _post_init)
 
 
-def _patch_trainer_optimizer(module: ModuleType) -> None:
-    module._OPTIMIZER_HANDLERS.setdefault(OptimizerNames(OPTIM_NAME), _slnb_handler)
-
-
 def _patch_trainer(module: ModuleType) -> None:
     _wrap(module.Trainer, "__init__", _trainer_init)
     _wrap(module.Trainer, "log", _trainer_log)
+    _wrap(module.Trainer, "get_optimizer_cls_and_kwargs", _get_optimizer_cls_and_kwargs)
     from transformers import modelcard
 
     _wrap(modelcard, "extract_hyperparameters_from_trainer", _extract_hyperparameters)
@@ -613,7 +677,6 @@ def _patch_trainer(module: ModuleType) -> None:
 
 _PATCHES = {
     "transformers.training_args": _patch_training_args,
-    "transformers.trainer_optimizer": _patch_trainer_optimizer,
     "transformers.trainer": _patch_trainer,
 }
 

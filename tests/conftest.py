@@ -21,3 +21,25 @@ def run_launch(run, attempts: int = 2):
         if proc.returncode == 0 or TEARDOWN_ABORT not in (proc.stdout or "") + (proc.stderr or ""):
             return proc
     return run()
+
+
+def checkpointing_flag() -> str:
+    """The TrainingArguments name of activation checkpointing in this transformers.
+
+    ``activation_checkpointing`` from transformers 5.23 on, where ``gradient_checkpointing`` is
+    its deprecated alias; ``gradient_checkpointing`` before.
+    """
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else \
+        "gradient_checkpointing"
+
+
+def enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Activation checkpointing on a transformers model, by this version's undeprecated name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import enable_checkpointing
 from torch import nn
 
 from hf_slnb import SLNB
@@ -91,7 +92,7 @@ def _tiny_gpt2(seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_counts_once(reentrant: bool) -> None:
     a, b = _tiny_gpt2(), _tiny_gpt2()
-    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(b, use_reentrant=reentrant)
     a.train()
     b.train()
     oa = SLNB(a.parameters(), model=a, diagonal_only=False)
