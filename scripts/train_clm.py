@@ -71,9 +71,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "eval_strategy": "steps",
     "eval_steps": 50,
-    "eval_on_start": "true",
+    "eval_on_start": True,
     "logging_steps": 10,
-    "logging_first_step": "true",
+    "logging_first_step": True,
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
@@ -290,9 +290,9 @@ def model_card(script_args: ScriptArguments, training_args: TrainingArguments,
 # {name}
 
 A {results['n_params'] / 1e6:.2f}M-parameter GPT-2 trained from scratch on {corpus} with
-**{optim}** through the Hugging Face `Trainer`, offline, by `scripts/train_clm.py` of
-[hf_slnb](https://arxiv.org/abs/2502.01131). It is a demonstration of the optimizer, not a
-useful language model.
+**{optim}** through the Hugging Face `Trainer`, offline, by `scripts/train_clm.py` of the
+`hf_slnb` package (SLNB: [arXiv:2502.01131](https://arxiv.org/abs/2502.01131)). It is a
+demonstration of the optimizer, not a useful language model.
 
 ## Results
 
@@ -331,7 +331,8 @@ for evaluation; the rest is training data. The texts of each split are tokenised
 {script_args.n_head} heads, context {script_args.block_size}, vocabulary {results['vocab_size']:,},
 tied input and output embeddings, dropout {script_args.dropout}: {results['n_params']:,} parameters.
 
-""" + script_utils.card_tail(training_args, results, after_training=sample_block)
+""" + script_utils.usage_section("AutoModelForCausalLM") + "\n" \
+        + script_utils.card_tail(training_args, results, after_training=sample_block)
     return metadata, body
 
 

@@ -79,21 +79,56 @@ def assert_png(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The command-line defaults helper (no subprocess)
+# The scripts' command lines: real defaults, --slnb_* options, the user's flags win
 # ---------------------------------------------------------------------------------------------
-def test_with_defaults_user_flags_win() -> None:
+def _import_script(name: str):
     sys.path.insert(0, str(SCRIPTS))
     try:
-        import script_utils
+        spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
     finally:
         sys.path.remove(str(SCRIPTS))
-    defaults = {"optim": "slnb", "max_steps": 400, "report_to": ["none"], "do_eval": "true"}
-    argv = ["--max-steps=3", "--no_do_eval", "--learning_rate", "0.5"]
-    out = script_utils.with_defaults(argv, defaults)
-    assert out == ["--optim", "slnb", "--report_to", "none", *argv]
-    assert script_utils.flag_value(out, "max_steps") == "3"
-    assert script_utils.flag_value(["--optim", "a", "--optim=b"], "optim") == "b"
-    assert script_utils.flag_value(["--x"], "optim") is None
+
+
+@needs_scripts_extra
+@pytest.mark.parametrize(("name", "lr"), [("train_clm", 3e-3), ("finetune_classification", 2e-4)])
+def test_script_defaults_and_user_flags(name: str, lr: float, tmp_path: Path) -> None:
+    script = _import_script(name)
+    _, args = script.parse_args([])
+    assert args.optim.value == "slnb" and args.learning_rate == lr
+    for key, value in script.TRAINING_DEFAULTS.items():
+        got = getattr(args, key)
+        got = getattr(got, "value", got)  # enums (optim, schedule, strategies)
+        if key == "report_to":
+            got = got or "none"  # TrainingArguments turns "none" into []
+        assert got == value or got == [value], (key, got, value)
+    _, args = script.parse_args(["--max_steps", "3", "--learning_rate", "0.5",
+                                 "--eval_on_start", "false", "--output_dir", str(tmp_path),
+                                 "--slnb_momentum", "0.8"])
+    assert (args.max_steps, args.learning_rate, args.eval_on_start) == (3, 0.5, False)
+    assert args.output_dir == str(tmp_path) and args.slnb_momentum == 0.8
+    # With the paper preset lr is a trust-region radius: left at the script's Adam-like
+    # default, SLNB's own radius applies.
+    _, args = script.parse_args(["--slnb_preset", "paper"])
+    assert args.learning_rate == 0.1
+    _, args = script.parse_args(["--optim_args", "preset=paper", "--learning_rate", "0.3"])
+    assert args.learning_rate == 0.3
+
+
+@needs_scripts_extra
+@pytest.mark.parametrize(("name", "lr"), [("train_clm.py", "0.003"),
+                                          ("finetune_classification.py", "0.0002")])
+def test_script_help_shows_what_runs(name: str, lr: str) -> None:
+    out = " ".join(run_script(name, "--help", timeout=120).stdout.split())
+    assert f"(default: {lr})" in out
+    assert "--optim {" in out and "(default: slnb)" in out
+    assert "--slnb_preset {paper,graft}" in out and "--slnb_trust_region" in out
+    assert "key=value pairs" in out  # --optim_args explains SLNB's keys
+    assert "(default: outputs/" in out
+    assert "(default: 5e-05)" not in out and "(default: adamw_torch_fused)" not in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +161,14 @@ def test_train_clm_smoke(tmp_path: Path) -> None:
     assert metrics["perplexity"] == pytest.approx(results["eval_perplexity"], rel=1e-3)
     for needle in ("## Data", "## Tokenizer", "## Training", "## Framework versions",
                    "loss_curve.png", "--max_steps 3", "| optimizer (`--optim`) | `slnb` |",
-                   "SLNB"):
+                   "SLNB", "## Use", 'pip install -e ".[scripts]"', "no conjugate gradient"):
         assert needle in body, needle
+    assert "`cg_iters`" not in body  # the default preset runs no PCG: not listed as if it did
+    # The card's snippet loads the model with plain transformers.
+    snippet = body.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(snippet.replace("path/to/this/folder", str(out)), scope)  # noqa: S102 - our own card
+    assert scope["model"].config.n_layer == 1 and len(scope["tokenizer"]) == 300
     # The evaluation ran on the held-out split at the requested steps and at the end.
     eval_steps = [e["step"] for e in results["log_history"] if "eval_loss" in e]
     assert eval_steps == [0, 2, 3]  # --eval_on_start, every --eval_steps, and at the end
@@ -158,7 +199,8 @@ def test_finetune_classification_smoke(tmp_path: Path) -> None:
     assert meta["pipeline_tag"] == "text-classification"
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-4)
-    for needle in ("## Data", "## Training", "## Framework versions", "loss_curve.png", "SLNB"):
+    for needle in ("## Data", "## Training", "## Framework versions", "loss_curve.png", "SLNB",
+                   "## Use", "AutoModelForSequenceClassification", 'pip install -e ".[scripts]"'):
         assert needle in body, needle
 
 
