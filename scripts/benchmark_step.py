@@ -197,13 +197,21 @@ def _caller() -> str:
     import traceback
 
     here = os.path.abspath(__file__)
-    for frame in reversed(traceback.extract_stack()[:-3]):
+    for frame in reversed(traceback.extract_stack()):
         path = os.path.abspath(frame.filename)
         if path == here or f"{os.sep}torch{os.sep}" in path:
             continue
         parts = path.split(os.sep)
         return f"{os.sep.join(parts[-2:])}:{frame.lineno}"
     return "?"
+
+
+def _ptr(t: torch.Tensor) -> int:
+    """The tensor's data pointer (0 where it has none: meta, sparse, nested)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return 0
 
 
 class _Origin:
@@ -264,15 +272,15 @@ class OpCounter(TorchDispatchMode):
             return out
         name = func.overloadpacket.__name__
         if name in ("lift_fresh", "lift_fresh_copy"):
-            if isinstance(out, torch.Tensor) and out.numel() > 0:
-                self._pending[out.data_ptr()] = (out, _Origin(self.phase, _caller()))
+            if isinstance(out, torch.Tensor) and out.numel() > 0 and _ptr(out):
+                self._pending[_ptr(out)] = (out, _Origin(self.phase, _caller()))
             return out
         host, origins, device = False, [], False
         for t in tensors:
-            ptr = t.data_ptr() if t.device.type != "meta" else 0
-            if ptr in self._host and self._host[ptr].numel() == t.numel():
+            ptr = _ptr(t)
+            if ptr and ptr in self._host and self._host[ptr].numel() == t.numel():
                 host = True
-            elif ptr in self._pending:
+            elif ptr and ptr in self._pending:
                 origins.append(self._pending[ptr][1])
             else:
                 device = True
@@ -291,10 +299,12 @@ class OpCounter(TorchDispatchMode):
             if name in SYNC_KINDS or sync_kind(func, args, kwargs) is not None:
                 self.host_reads[self.phase] += 1
             for t in outs:
-                self._host[t.data_ptr()] = t
+                if _ptr(t):
+                    self._host[_ptr(t)] = t
         else:  # built from Python data only: still undecided
             for t in outs:
-                self._pending[t.data_ptr()] = (t, origins[0])
+                if _ptr(t):
+                    self._pending[_ptr(t)] = (t, origins[0])
         return out
 
     def __exit__(self, *exc: object) -> Any:
