@@ -132,3 +132,13 @@ def test_count_ops_command_writes_the_table_and_json(tmp_path: Path, monkeypatch
     assert sum(hook["by_op"].values()) == hook["first"] * 10
     assert "| gpt2-2l | 28 / 10 | slnb |" in text
     assert "| gpt2-2l | 28 / - | adamw | " in text
+
+
+@pytest.mark.parametrize(("name", "tensors", "layers"), [("gpt2-12l", 148, 50),
+                                                          ("llama-12l", 111, 86)])
+def test_issue_models_have_the_issue_sizes(name: str, tensors: int, layers: int) -> None:
+    """The counted models are issue 10's: 148 tensors / 50 hooked layers, 111 / 86."""
+    model = bench.build_count_model(name, 16, 64)
+    opt = bench.make_count_optimizer("slnb", model, {})
+    assert sum(1 for _ in model.parameters()) == tensors
+    assert len(opt.neurons) == layers
