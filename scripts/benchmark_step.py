@@ -479,9 +479,20 @@ def count_table(rows: list[dict[str, Any]]) -> str:
 def count_main(args: argparse.Namespace, slnb_args: dict[str, Any]) -> list[dict[str, Any]]:
     """``--count-ops``: the table for every model x optimizer, the JSON to ``--out``."""
     models = args.models.split(",") if args.models else list(COUNT_MODELS)
+    kinds = args.optimizers.split(",")
+    known = (*COUNT_MODELS, "gpt2-2l")
+    for name in models:  # refuse bad input before any counting
+        if name not in known:
+            raise ValueError(f"Invalid --models entry {name!r}: with --count-ops, one of {known}.")
+    for kind in kinds:
+        if kind not in COUNT_OPTIMIZERS:
+            raise ValueError(f"Invalid --optimizers entry {kind!r}: one of {COUNT_OPTIMIZERS}.")
+    if args.micro_batches < 1 or args.warmup < 0:
+        raise ValueError(f"Invalid --micro-batches={args.micro_batches} / --warmup={args.warmup}: "
+                         "must be >= 1 / >= 0.")
     rows = []
     for name in models:
-        for kind in args.optimizers.split(","):
+        for kind in kinds:
             rows.append(count_step(name, kind, batch=args.batch, seq=args.seq,
                                    vocab=args.vocab, micro=args.micro_batches,
                                    warmup=args.warmup, slnb_args=slnb_args))

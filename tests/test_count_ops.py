@@ -142,3 +142,16 @@ def test_issue_models_have_the_issue_sizes(name: str, tensors: int, layers: int)
     opt = bench.make_count_optimizer("slnb", model, {})
     assert sum(1 for _ in model.parameters()) == tensors
     assert len(opt.neurons) == layers
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--models", "gpt2-10m"], "Invalid --models entry 'gpt2-10m'"),
+    (["--optimizers", "adamw,sgd"], "Invalid --optimizers entry 'sgd'"),
+    (["--micro-batches", "0"], r"Invalid --micro-batches=0"),
+])
+def test_bad_count_arguments_are_refused_before_counting(argv: list[str], message: str,
+                                                         monkeypatch: Any) -> None:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--count-ops", *argv])
+    monkeypatch.setattr(bench, "count_step", lambda *a, **k: pytest.fail("counted anyway"))
+    with pytest.raises(ValueError, match=message):
+        bench.main()
