@@ -379,7 +379,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"| {_case_name(s['case'])} | {' | '.join(cells)} | {counts} |"
                      f" {sites or '-'} |")
     tr = report.get("training", {})
-    lines += ["", (f"**3. GPT-2 {_fmt(tr.get('params_m'), '.0f')}M, bf16 autocast, batch "
+    lines += ["", (f"**3. GPT-2 {_fmt(tr.get('params_m'), '.1f')}M, bf16 autocast, batch "
               f"{tr.get('batch')}x{tr.get('seq')}, {tr.get('timed_steps', {}).get('slnb', 0)} timed "
               "steps each (alternating)**"), "",
               "| optimizer | median step (s) | peak memory (GiB) | loss first -> last |",
