@@ -537,7 +537,10 @@ def test_trl_sft_trainer(tmp_path: Path) -> None:
     data = Dataset.from_dict({"text": [" ".join(letters[i:i + 8]) for i in range(16)]})
     model = tiny_gpt2()
     before = snapshot(model)
-    args = args_for(tmp_path, trl.SFTConfig, max_length=SEQ, max_steps=2)
+    # SFTConfig turns checkpointing on by default: say so by the undeprecated name where it exists.
+    flag = checkpointing_flag()
+    extra = {flag: True} if flag == "activation_checkpointing" else {}
+    args = args_for(tmp_path, trl.SFTConfig, max_length=SEQ, max_steps=2, **extra)
     assert args.learning_rate == 2e-5  # SFTConfig's own default, kept (Adam-like lr)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
                              processing_class=tokenizer)
