@@ -83,7 +83,11 @@ def resolved_option(name: str, kwargs: dict[str, Any]) -> Any:
         return value
     default = _slnb_default(name)
     if default is None:
-        return PRESETS[kwargs.get("preset") or _slnb_default("preset")].get(name)
+        preset = kwargs.get("preset") or _slnb_default("preset")
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ValueError(f"--optim slnb: Invalid preset={preset!r}: must be one of "
+                             f"{tuple(PRESETS)}.")
+        return PRESETS[preset].get(name)
     return default
 
 
@@ -270,7 +274,7 @@ def parse_optim_args(optim_args: str | None) -> dict[str, Any]:
     return out
 
 
-def slnb_optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
+def slnb_optimizer_kwargs(args: TrainingArguments, *, warn: bool = False) -> dict[str, Any]:
     """The :class:`SLNB` keyword arguments (besides ``lr``/``weight_decay``) that ``args`` asks for.
 
     Options come from the ``slnb_*`` fields of :class:`SLNBTrainingArguments` and from
@@ -279,6 +283,9 @@ def slnb_optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
 
     Args:
         args: Any ``TrainingArguments`` (subclass) instance.
+        warn: Warn when an ``--optim_args`` key overrides a changed ``slnb_*`` field. The
+            arguments are resolved several times (lr, validation, the optimizer, the card):
+            only the validation, once per ``TrainingArguments``, warns.
 
     Returns:
         Keyword arguments for :class:`SLNB`.
@@ -290,7 +297,8 @@ def slnb_optimizer_kwargs(args: TrainingArguments) -> dict[str, Any]:
     if isinstance(args, SLNBTrainingArguments):
         kwargs = {name: getattr(args, f"slnb_{name}") for name in _option_types()}
     for key, value in parse_optim_args(args.optim_args).items():
-        if key in kwargs and kwargs[key] != value and kwargs[key] != _slnb_default_value(key):
+        if (warn and key in kwargs and kwargs[key] != value
+                and kwargs[key] != _slnb_default_value(key)):
             warnings.warn(
                 f"--optim_args {key}={value!r} overrides --slnb_{key}={kwargs[key]!r}.",
                 UserWarning,
@@ -309,7 +317,7 @@ def _slnb_default_value(name: str) -> Any:
 
 def _validate(args: TrainingArguments) -> None:
     """Raise the :class:`SLNB` constructor's own ``ValueError`` for a bad option, before training."""
-    kwargs = slnb_optimizer_kwargs(args)
+    kwargs = slnb_optimizer_kwargs(args, warn=True)
     probe = torch.nn.Linear(1, 1)
     try:
         with warnings.catch_warnings():  # advice is given once, when the real optimizer is built
@@ -399,8 +407,8 @@ def _post_init(self: TrainingArguments) -> None:
     """``TrainingArguments.__post_init__`` with the SLNB checks and defaults in front."""
     if _is_slnb(self.optim):
         _check_setup(self)
+        _validate(self)  # first: every option error is the SLNB constructor's own
         _resolve_learning_rate(self)
-        _validate(self)
     getattr(_post_init, _WRAPPED)(self)
 
 
