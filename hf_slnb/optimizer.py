@@ -10,12 +10,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from . import distributed
 from .distributed import is_dtensor, local
 from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
-from .layers import BACKENDS, LinearNeuron, Neuron, neuron_for, out_positions, stat_dtype
+from .layers import (
+    BACKENDS,
+    LinearNeuron,
+    Neuron,
+    _is_hf_conv1d,
+    neuron_for,
+    out_positions,
+    stat_dtype,
+)
 
 PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
@@ -329,8 +338,9 @@ class SLNB(Optimizer):
         mine = {id(p) for g in self.param_groups for p in g["params"]}
         by_weight: dict[int, list[Neuron]] = {}
         for name, module in model.named_modules():
-            if any(p.search(name) for p in patterns):
-                continue
+            if any(p.search(name) for p in patterns) or parametrize.is_parametrized(module,
+                                                                                     "weight"):
+                continue  # reading a parametrized weight computes it: see _check_layers
             neuron = neuron_for(name, module, self.precondition_embeddings, self.metric_backend)
             if neuron is None or id(neuron.weight) not in mine:
                 continue
@@ -354,20 +364,29 @@ class SLNB(Optimizer):
             ids: Parameters to check (the new group's in :meth:`add_param_group`).
         """
         computed = []
+        kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+        if self.precondition_embeddings:
+            kinds += (nn.Embedding,)
         for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
-                    and id(weight) in ids):
-                raise ValueError(
-                    f"Invalid model: module {name!r} is {type(module).__name__}(sparse=True), "
-                    "whose sparse gradients SLNB does not support; build it with sparse=False "
-                    "or leave its weight out of params.")
-            if isinstance(weight, nn.Parameter) or any(p.search(name) for p in patterns):
+            # A parametrized weight is computed on access (spectral_norm even updates its
+            # buffers then): recognise it without reading it.
+            if parametrize.is_parametrized(module, "weight"):
+                weight = None
+            else:
+                weight = getattr(module, "weight", None)
+                if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+                        and id(weight) in ids):
+                    raise ValueError(
+                        f"Invalid model: module {name!r} is {type(module).__name__}"
+                        "(sparse=True), whose sparse gradients SLNB does not support; build it "
+                        "with sparse=False or leave its weight out of params.")
+                if not isinstance(weight, Tensor) or isinstance(weight, nn.Parameter):
+                    continue  # no weight, or a parameter: not computed
+            if any(p.search(name) for p in patterns) or not (
+                    isinstance(module, kinds) or _is_hf_conv1d(module)):
                 continue
-            own = {id(q) for q in module.parameters()}
-            if own & ids and neuron_for(name, module, self.precondition_embeddings,
-                                        self.metric_backend) is not None:
-                computed.append(name)  # parametrize / weight_norm: weight is not a leaf
+            if {id(q) for q in module.parameters()} & ids:
+                computed.append(name)  # parametrize / weight_norm: the weight is not a leaf
         if computed:
             warnings.warn(
                 f"SLNB gives the identity metric to {', '.join(repr(n) for n in computed)}: "

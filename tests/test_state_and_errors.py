@@ -350,13 +350,19 @@ def test_parametrized_layers_are_reported_once_at_construction() -> None:
     from torch.nn.utils import parametrizations
 
     torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        old_style = nn.utils.weight_norm(nn.Linear(2, 2))
     m = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 3)), nn.Tanh(),
-                      parametrizations.spectral_norm(nn.Linear(3, 2)), nn.Linear(2, 2))
+                      parametrizations.spectral_norm(nn.Linear(3, 2)), nn.Linear(2, 2), old_style)
+    buffers = {n: b.clone() for n, b in m.named_buffers()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = SLNB(m.parameters(), model=m)
+    # Nothing was computed to find out: spectral_norm's power-iteration vectors are untouched.
+    assert all(torch.equal(b, buffers[n]) for n, b in m.named_buffers())
     texts = [str(w.message) for w in caught if "identity metric" in str(w.message)]
-    assert texts == [("SLNB gives the identity metric to '0', '2': their weight is computed "
+    assert texts == [("SLNB gives the identity metric to '0', '2', '4': their weight is computed "
                       "from other parameters (torch.nn.utils.parametrize, weight_norm), so the "
                       "metric of their inputs does not apply to the parameters trained. Remove "
                       "the parametrization (torch.nn.utils.parametrize.remove_parametrizations) "
