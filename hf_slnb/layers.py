@@ -119,13 +119,17 @@ class Neuron:
         self.weight = weight
         self.bias = bias
         self.backend = backend
-        self.dtype = stat_dtype(weight.dtype)
         self.capture: Capture | None = None
         self.cg_iters_hint = 2
         self.ridge = 0.0
         self.reduce_fn: Callable[[list[Tensor]], None] | None = None
 
     # -- statistics -------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """The statistics' dtype, followed from the weight (``model.double()`` may change it)."""
+        return stat_dtype(self.weight.dtype)
+
     @property
     def num_features(self) -> int:
         raise NotImplementedError

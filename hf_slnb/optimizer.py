@@ -10,12 +10,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
 from . import distributed
 from .distributed import is_dtensor, local
 from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
-from .layers import BACKENDS, LinearNeuron, Neuron, neuron_for, out_positions, stat_dtype
+from .layers import (
+    BACKENDS,
+    LinearNeuron,
+    Neuron,
+    _is_hf_conv1d,
+    neuron_for,
+    out_positions,
+    stat_dtype,
+)
 
 PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
@@ -33,6 +42,17 @@ PRESETS: dict[str, dict[str, Any]] = {
               "diagonal_only": True, "precondition_embeddings": True},
 }
 TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
+#: Options that give the optimizer state its meaning (its buffers, what ``ridge`` and the
+#: second moments mean, which layers keep statistics): a checkpoint loads only into an optimizer
+#: built with the same values.
+STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
+                 "precondition_embeddings", "skip_modules", "norm_decay")
+#: Options recorded in a checkpoint that may change on resume (how the next steps are solved
+#: or floored); the loading optimizer's own values are used.
+FREE_OPTIONS = ("metric_backend", "min_norm", "eps", "cg_tol")
+#: Version of the options record in ``state_dict()["param_groups"][i]["slnb"]``.
+STATE_FORMAT = 1
+_SAVED = "slnb"
 _GROUP_KEYS = ("lr", "weight_decay", "momentum", "mean_decay", "sq_mean_decay", "shrinkage",
                "ridge", "cg_iters")
 
@@ -63,6 +83,37 @@ def _check_group(group: dict[str, Any], where: str) -> None:
     iters = group["cg_iters"]
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"Invalid cg_iters={iters!r}{where}: must be an integer >= 0.")
+
+
+def _compile_skip_modules(skip_modules: Any) -> list[re.Pattern[str]]:
+    """``skip_modules`` as compiled patterns, or ``ValueError`` naming the bad entry."""
+    if isinstance(skip_modules, (str, re.Pattern)):
+        skip_modules = (skip_modules,)
+    if not isinstance(skip_modules, Iterable):
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError here, whatever its type
+            f"Invalid skip_modules={skip_modules!r}: must be a sequence of regular expressions "
+            "(strings), e.g. ('lm_head',); () for none.")
+    patterns = []
+    for pattern in skip_modules:
+        if not isinstance(pattern, (str, re.Pattern)) or not isinstance(
+                getattr(pattern, "pattern", pattern), str):
+            raise ValueError(  # noqa: TRY004 - as above
+                f"Invalid skip_modules entry {pattern!r}: must be a regular expression (a string).")
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(
+                f"Invalid skip_modules entry {pattern!r}: must be a regular expression ({err})."
+            ) from None
+    return patterns
+
+
+def _warn_cg_iters(group: dict[str, Any], index: int, diagonal_only: bool) -> None:
+    if group["cg_iters"] == 0 and not diagonal_only:
+        warnings.warn(
+            f"SLNB with cg_iters=0 and diagonal_only=False keeps every neuron's warm start "
+            f"(zero): neurons in parameter group {index} move only by weight decay. Use "
+            "diagonal_only=True for h = P g.", UserWarning, stacklevel=3)
 
 
 class SLNB(Optimizer):
@@ -181,8 +232,13 @@ class SLNB(Optimizer):
         eps: float = 1e-8,
         process_group: object | None = None,
     ) -> None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"Invalid preset={preset!r}: must be one of {tuple(PRESETS)}.")
+        for key, flag in (("diagonal_only", diagonal_only),
+                          ("precondition_embeddings", precondition_embeddings)):
+            if flag is not None and not isinstance(flag, bool):  # bool("false") is True
+                raise ValueError(f"Invalid {key}={flag!r}: must be True or False (or None for "
+                                 "the preset's value).")
         chosen = PRESETS[preset]
         lr = chosen["lr"] if lr is None else lr
         ridge = chosen["ridge"] if ridge is None else ridge
@@ -203,8 +259,10 @@ class SLNB(Optimizer):
             min_norm > 0 and math.isfinite(min_norm)
         ):
             raise ValueError(f"Invalid min_norm={min_norm!r}: must be a finite number > 0.")
-        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not cg_tol >= 0:
-            raise ValueError(f"Invalid cg_tol={cg_tol!r}: must be a number >= 0.")
+        if isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float)) or not (
+            cg_tol >= 0 and math.isfinite(cg_tol)
+        ):
+            raise ValueError(f"Invalid cg_tol={cg_tol!r}: must be a finite number >= 0.")
         if trust_region not in TRUST_REGIONS:
             raise ValueError(
                 f"Invalid trust_region={trust_region!r}: must be one of {TRUST_REGIONS}.")
@@ -212,30 +270,18 @@ class SLNB(Optimizer):
             0.0 <= norm_decay < 1.0
         ):
             raise ValueError(f"Invalid norm_decay={norm_decay!r}: must be in [0.0, 1.0).")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"Invalid eps={eps!r}: must be a number > 0.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+            eps > 0 and math.isfinite(eps)
+        ):
+            raise ValueError(f"Invalid eps={eps!r}: must be a finite number > 0.")
         if ridge_mode not in RIDGE_MODES:
             raise ValueError(f"Invalid ridge_mode={ridge_mode!r}: must be one of {RIDGE_MODES}.")
         if metric_backend not in BACKENDS:
             raise ValueError(f"Invalid metric_backend={metric_backend!r}: must be one of {BACKENDS}.")
-        if isinstance(skip_modules, str):
-            skip_modules = (skip_modules,)
-        patterns = []
-        for pattern in skip_modules:
-            try:
-                patterns.append(re.compile(pattern))
-            except (re.error, TypeError) as err:
-                raise ValueError(
-                    f"Invalid skip_modules entry {pattern!r}: must be a regular expression ({err})."
-                ) from None
-        super().__init__(params, defaults)
+        patterns = _compile_skip_modules(skip_modules)
+        super().__init__(params, defaults)  # add_param_group validates every group
         for i, group in enumerate(self.param_groups):
-            _check_group(group, f" in parameter group {i}")
-            if group["cg_iters"] == 0 and not diagonal_only:
-                warnings.warn(
-                    f"SLNB with cg_iters=0 and diagonal_only=False keeps every neuron's warm start "
-                    f"(zero): neurons in parameter group {i} move only by weight decay. Use "
-                    "diagonal_only=True for h = P g.", UserWarning, stacklevel=2)
+            _warn_cg_iters(group, i, bool(diagonal_only))
 
         self.model = model
         self.min_norm = float(min_norm)
@@ -253,6 +299,7 @@ class SLNB(Optimizer):
         self._last: dict[str, Tensor | float] = {}
         self._names = self._parameter_names(model)
         self._shard_group = self._check_sharding()
+        self._check_layers(model, patterns, set(self._current_param_ids()))
         self.neurons: list[Neuron] = self._find_neurons(model, patterns)
         self._index_neurons()
         self._param_ids = self._current_param_ids()
@@ -291,8 +338,9 @@ class SLNB(Optimizer):
         mine = {id(p) for g in self.param_groups for p in g["params"]}
         by_weight: dict[int, list[Neuron]] = {}
         for name, module in model.named_modules():
-            if any(p.search(name) for p in patterns):
-                continue
+            if any(p.search(name) for p in patterns) or parametrize.is_parametrized(module,
+                                                                                     "weight"):
+                continue  # reading a parametrized weight computes it: see _check_layers
             neuron = neuron_for(name, module, self.precondition_embeddings, self.metric_backend)
             if neuron is None or id(neuron.weight) not in mine:
                 continue
@@ -305,6 +353,82 @@ class SLNB(Optimizer):
             owners.sort(key=lambda n: n.kind == "embedding")
             chosen.append(owners[0])
         return chosen
+
+    def _check_layers(self, model: nn.Module, patterns: list[re.Pattern[str]],
+                      ids: set[int]) -> None:
+        """Refuse sparse embeddings; warn once about layers whose weight is computed.
+
+        Args:
+            model: The hooked model.
+            patterns: The compiled ``skip_modules``.
+            ids: Parameters to check (the new group's in :meth:`add_param_group`).
+        """
+        computed = []
+        kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+        if self.precondition_embeddings:
+            kinds += (nn.Embedding,)
+        for name, module in model.named_modules():
+            # A parametrized weight is computed on access (spectral_norm even updates its
+            # buffers then): recognise it without reading it.
+            if parametrize.is_parametrized(module, "weight"):
+                weight = None
+            else:
+                weight = getattr(module, "weight", None)
+                if (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+                        and id(weight) in ids):
+                    raise ValueError(
+                        f"Invalid model: module {name!r} is {type(module).__name__}"
+                        "(sparse=True), whose sparse gradients SLNB does not support; build it "
+                        "with sparse=False or leave its weight out of params.")
+                if not isinstance(weight, Tensor) or isinstance(weight, nn.Parameter):
+                    continue  # no weight, or a parameter: not computed
+            if any(p.search(name) for p in patterns) or not (
+                    isinstance(module, kinds) or _is_hf_conv1d(module)):
+                continue
+            if {id(q) for q in module.parameters()} & ids:
+                computed.append(name)  # parametrize / weight_norm: the weight is not a leaf
+        if computed:
+            warnings.warn(
+                f"SLNB gives the identity metric to {', '.join(repr(n) for n in computed)}: "
+                "their weight is computed from other parameters (torch.nn.utils.parametrize, "
+                "weight_norm), so the metric of their inputs does not apply to the parameters "
+                "trained. Remove the parametrization (torch.nn.utils.parametrize."
+                "remove_parametrizations) to precondition them.", UserWarning, stacklevel=3)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group, validated as the constructor's are; its layers are hooked.
+
+        Raises:
+            ValueError: For a bad hyperparameter (the constructor's message), a parameter the
+                model does not own, or a sparse embedding; the group is then not added.
+        """
+        index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group, f" in parameter group {index}")
+            if not hasattr(self, "neurons"):
+                return  # called by Optimizer.__init__: the constructor finds the layers
+            self._names = self._parameter_names(self.model)
+            self._shard_group = self._check_sharding()
+            patterns = [re.compile(p) for p in self.skip_modules]
+            self._check_layers(self.model, patterns, {id(p) for p in group["params"]})
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        _warn_cg_iters(group, index, self.diagonal_only)
+        known = {id(n.weight) for n in self.neurons}
+        new = [n for n in self._find_neurons(self.model, patterns) if id(n.weight) not in known]
+        mine = set(self._current_param_ids())
+        for n in self.neurons:  # a hooked layer whose bias joins with this group
+            bias = getattr(n.module, "bias", None)
+            if n.bias is None and isinstance(bias, Tensor) and id(bias) in mine:
+                n.bias = bias
+        self.neurons.extend(new)
+        self._index_neurons()
+        self._param_ids = self._current_param_ids()
+        self._handles.extend(
+            n.module.register_forward_hook(self._make_hook(n), with_kwargs=True) for n in new)
 
     def _index_neurons(self) -> None:
         self._neuron_of = {id(n.weight): n for n in self.neurons}
@@ -376,22 +500,153 @@ class SLNB(Optimizer):
             for key in _GROUP_KEYS:
                 group.setdefault(key, self.defaults.get(key))
 
+    def _options(self) -> dict[str, Any]:
+        """The optimizer-level options a checkpoint records (plain Python values)."""
+        return {key: list(getattr(self, key)) if key == "skip_modules" else getattr(self, key)
+                for key in (*STATE_OPTIONS, *FREE_OPTIONS)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s state dict; each parameter group also records SLNB's options.
+
+        They are under the key ``"slnb"`` of every saved group (where
+        ``torch.distributed.checkpoint`` keeps them, as it keeps a group's hyperparameters),
+        with the format version and :attr:`skipped_steps`.
+        """
+        out = super().state_dict()
+        saved = {"format": STATE_FORMAT, **self._options(), "skipped_steps": self.skipped_steps}
+        for group in out["param_groups"]:  # copies: the live groups are untouched
+            group[_SAVED] = dict(saved)
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``torch.optim`` does, but keep statistics in float32 for low-precision weights."""
+        """Load as ``torch.optim`` does, after checking that the checkpoint fits this optimizer.
+
+        The options in :data:`STATE_OPTIONS` give the state its meaning and must equal the
+        checkpoint's; those in :data:`FREE_OPTIONS` are this optimizer's own (they change only
+        how the next steps are computed). The checkpoint's per-group hyperparameters replace
+        this optimizer's, as in ``torch.optim``; a warning names those that differ. Statistics
+        are kept in float32 for low-precision weights.
+
+        Raises:
+            ValueError: If an option of :data:`STATE_OPTIONS` differs, or a saved state tensor
+                does not have its parameter's shape (a checkpoint of another model); nothing is
+                loaded then.
+        """
+        groups = state_dict["param_groups"]
+        saved = next((g[_SAVED] for g in groups if _SAVED in g), None)
+        self._check_saved_options(saved, state_dict["state"])
+        self._check_saved_shapes(state_dict)
+        changed = self._changed_hyperparameters(groups)
+        if saved is not None:  # the options are the optimizer's, not the groups'
+            state_dict = {**state_dict, "param_groups": [
+                {k: v for k, v in g.items() if k != _SAVED} for g in groups]}
         super().load_state_dict(state_dict)
+        if saved is not None:
+            self.skipped_steps = int(saved.get("skipped_steps", 0))
+        if changed:
+            warnings.warn(
+                "SLNB.load_state_dict: the checkpoint's hyperparameters replace this optimizer's "
+                f"(as in torch.optim): {'; '.join(changed)}. To change one after resuming, set "
+                "optimizer.param_groups[i][key] after load_state_dict.", UserWarning,
+                stacklevel=2)
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for p, i in zip(params, saved_ids):
-            saved = state_dict["state"].get(i)
-            if not saved or p not in self.state:
+            state = state_dict["state"].get(i)
+            if not state or p not in self.state:
                 continue
-            for key, value in saved.items():
+            for key, value in state.items():
                 if not (isinstance(value, Tensor) and value.is_floating_point()):
                     continue
                 if key in ("step", "stat_step"):  # host-side counters
                     self.state[p][key] = value.detach().to("cpu", torch.float32).clone()
                 else:
                     self.state[p][key] = value.to(device=p.device, dtype=stat_dtype(p.dtype))
+
+    def _check_saved_options(self, saved: dict[str, Any] | None,
+                             states: dict[Any, dict[str, Any]]) -> None:
+        """Refuse a checkpoint whose state means something else under this optimizer's options."""
+        mine = self._options()
+        if saved is None:  # written before the options were saved: check what the state shows
+            self._check_unrecorded_options(states)
+            return
+        if saved.get("format", 0) > STATE_FORMAT:
+            raise ValueError(
+                f"Cannot load this SLNB checkpoint: its format {saved['format']} is newer than "
+                f"this hf_slnb's ({STATE_FORMAT}); upgrade hf_slnb to load it.")
+        diff = [key for key in STATE_OPTIONS if key in saved and saved[key] != mine[key]]
+        if diff:
+            lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, this optimizer {mine[k]!r}"
+                              for k in diff)
+            wanted = ", ".join(f"{k}={saved[k]!r}" for k in diff)
+            raise ValueError(
+                f"Cannot load this SLNB checkpoint: it was written with other options, which "
+                f"give its state another meaning ({lines}). Build the optimizer with the "
+                f"checkpoint's options ({wanted}; in the Hugging Face Trainer the same keys in "
+                "--optim_args) and load it again.")
+
+    def _check_unrecorded_options(self, states: dict[Any, dict[str, Any]]) -> None:
+        """An old checkpoint (no recorded options): its state keys show part of them."""
+        keys: set[str] = set()
+        for state in states.values():
+            keys.update(state)
+        shown: dict[str, Any] = {}
+        if "momentum_buffer" in keys:  # a step was taken: its trust region left its buffers
+            shown["trust_region"] = (("graft", "graft_row") if "exp_avg_sq" in keys else
+                                     ("tensor",) if "metric_sq" in keys else ("global",))
+        if "mu" in keys:  # statistics exist: PCG left its solutions, the diagonal did not
+            shown["diagonal_only"] = ("solution" not in keys,)
+        wrong = {k: v for k, v in shown.items() if getattr(self, k) not in v}
+        if wrong:
+            lines = "; ".join(f"{k}: checkpoint {' or '.join(repr(x) for x in v)}, this "
+                              f"optimizer {getattr(self, k)!r}" for k, v in wrong.items())
+            raise ValueError(
+                "Cannot load this SLNB checkpoint: it does not record its options (it was "
+                "written by an older hf_slnb), and its state shows options other than this "
+                f"optimizer's ({lines}). Build the optimizer with the options it was trained "
+                "with and load it again.")
+        unchecked = [k for k in STATE_OPTIONS if k not in shown]
+        warnings.warn(
+            "SLNB.load_state_dict: this checkpoint does not record its options (it was written "
+            f"by an older hf_slnb): {', '.join(unchecked)} could not be checked and are taken "
+            "to be this optimizer's.", UserWarning, stacklevel=3)
+
+    def _check_saved_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Name the parameter whose saved state does not fit it (a checkpoint of another model)."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(mine["params"]) for g, mine in zip(groups, self.param_groups)):
+            return  # torch.optim reports the mismatched groups
+        for gi, (group, mine) in enumerate(zip(groups, self.param_groups)):
+            for k, (i, p) in enumerate(zip(group["params"], mine["params"])):
+                neuron = self._neuron_of.get(id(p))
+                for key, value in (state_dict["state"].get(i) or {}).items():
+                    if not isinstance(value, Tensor) or key in ("step", "stat_step"):
+                        continue
+                    if key in ("mu", "nu"):
+                        want = None if neuron is None else (neuron.num_features,)
+                    else:
+                        want = () if key == "metric_sq" else tuple(p.shape)
+                    if want is not None and tuple(value.shape) != want:
+                        raise ValueError(
+                            f"Invalid state_dict: its {key!r} for parameter "
+                            f"{self._names.get(id(p), '?')!r} (group {gi}, position {k}) has shape "
+                            f"{tuple(value.shape)}, but this optimizer needs {want}: the "
+                            "checkpoint was written for another model (or another order of "
+                            "parameters).")
+
+    def _changed_hyperparameters(self, groups: list[dict[str, Any]]) -> list[str]:
+        """Per-group hyperparameters of this optimizer that the checkpoint's values replace."""
+        out = []
+        for i, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            for key in _GROUP_KEYS:
+                # A scheduler's base lr ("initial_lr") is the constructor's: the current lr is
+                # the schedule's and is restored with it.
+                base, new = ((mine.get("initial_lr", mine["lr"]), saved.get("initial_lr",
+                             saved.get("lr"))) if key == "lr" else (mine.get(key), saved.get(key)))
+                if key in saved and base != new:
+                    out.append(f"group {i} {key}={base!r} -> {new!r}")
+        return out
 
     # -- diagnostics ------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
@@ -457,6 +712,7 @@ class SLNB(Optimizer):
                                            f"(parameter {self._names.get(id(p), '?')!r}).")
                     group_of[id(p)] = group
                     params.append(p)
+        self._follow_dtypes(params)
         self._reduce_captures(world)
         reduce_fn = None
         if world > 1:
@@ -511,6 +767,22 @@ class SLNB(Optimizer):
         }
         self.clear_captures()
         return loss
+
+    def _follow_dtypes(self, params: list[Tensor]) -> None:
+        """Cast a parameter's state when the model changed dtype or device (``model.double()``).
+
+        The state is kept in :func:`~hf_slnb.layers.stat_dtype` of its parameter, on its device;
+        the momentum buffer, created with the rest, tells whether the parameter has changed.
+        """
+        for p in params:
+            state = self.state.get(p)
+            m = state.get("momentum_buffer") if state else None
+            if m is None or (m.dtype == stat_dtype(p.dtype) and m.device == p.device):
+                continue
+            for key, value in state.items():  # type: ignore[union-attr]
+                if (isinstance(value, Tensor) and value.is_floating_point()
+                        and key not in ("step", "stat_step")):
+                    state[key] = value.to(device=p.device, dtype=stat_dtype(p.dtype))  # type: ignore[index]
 
     def _momentum(self, params: list[Tensor], group_of: dict[int, dict[str, Any]]) -> dict[int, Tensor]:
         """Update each momentum buffer and return the bias-corrected momentum ``g``."""

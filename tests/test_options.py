@@ -87,6 +87,8 @@ def test_tensor_trust_region_against_dense() -> None:
     ({"trust_region": "row"}, r"Invalid trust_region='row'"),
     ({"norm_decay": 1.0}, r"Invalid norm_decay=1\.0"),
     ({"eps": 0.0}, r"Invalid eps=0\.0"),
+    ({"eps": float("inf")}, r"Invalid eps=inf: must be a finite number > 0\."),
+    ({"preset": ["paper"]}, r"Invalid preset=\['paper'\]: must be one of \('paper', 'graft'\)"),
     ({"ridge_mode": "scaled"}, r"Invalid ridge_mode='scaled'"),
     ({"preset": "adam"}, r"Invalid preset='adam': must be one of \('paper', 'graft'\)"),
 ])

@@ -28,6 +28,19 @@ BAD = [
     ({"cg_tol": -1.0}, r"Invalid cg_tol=-1\.0.*>= 0"),
     ({"metric_backend": "dense"}, r"Invalid metric_backend='dense'.*one of"),
     ({"skip_modules": ["("]}, r"Invalid skip_modules entry '\('"),
+    ({"skip_modules": None},
+     r"Invalid skip_modules=None: must be a sequence of regular expressions \(strings\)"),
+    ({"skip_modules": [b"lm_head"]},
+     r"Invalid skip_modules entry b'lm_head': must be a regular expression \(a string\)"),
+    ({"diagonal_only": "false"},
+     r"Invalid diagonal_only='false': must be True or False \(or None for the preset's value\)"),
+    ({"diagonal_only": 0}, r"Invalid diagonal_only=0: must be True or False"),
+    ({"precondition_embeddings": "False"},
+     r"Invalid precondition_embeddings='False': must be True or False"),
+    ({"preset": ["paper"]}, r"Invalid preset=\['paper'\]: must be one of \('paper', 'graft'\)"),
+    ({"eps": float("inf")}, r"Invalid eps=inf: must be a finite number > 0"),
+    ({"cg_tol": float("inf")}, r"Invalid cg_tol=inf: must be a finite number >= 0"),
+    ({"cg_tol": float("nan")}, r"Invalid cg_tol=nan: must be a finite number >= 0"),
 ]
 
 
