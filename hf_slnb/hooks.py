@@ -118,9 +118,9 @@ class CaptureHook:
         output.register_hook(_Pending(self, x.detach(), out_positions(output, neuron)))
 
     def _capture_hidden(self, neuron: Neuron, output: Any) -> None:
+        # Only a named last_hidden_state (what TRL's fused head reads): a wrapper's tuple or
+        # logits must never pass for the head's input.
         hidden = getattr(output, "last_hidden_state", None)
-        if hidden is None and isinstance(output, (tuple, list)) and output:
-            hidden = output[0]
         if not (isinstance(hidden, Tensor) and hidden.requires_grad and hidden.dim() >= 2):
             return
         if hidden.shape[-1] != neuron.num_features:
@@ -181,8 +181,8 @@ def head_sources(model: nn.Module, neurons: Iterable[Neuron]) -> list[tuple[Neur
     ``base_model``)."""
     by_module = {id(n.module): n for n in neurons
                  if isinstance(n, LinearNeuron) and n.features_last}
-    out = []
-    for module in model.modules():
+    out: dict[int, tuple[Neuron, nn.Module]] = {}
+    for module in model.modules():  # outer modules first: a wrapper's entry is replaced
         get_head = getattr(module, "get_output_embeddings", None)
         if not callable(get_head):
             continue
@@ -194,8 +194,8 @@ def head_sources(model: nn.Module, neurons: Iterable[Neuron]) -> list[tuple[Neur
         neuron = by_module.get(id(head)) if isinstance(head, nn.Module) else None
         if neuron is None or not isinstance(backbone, nn.Module) or backbone is module:
             continue
-        out.append((neuron, backbone))
-    return out
+        out[id(neuron)] = (neuron, backbone)
+    return list(out.values())
 
 
 def install(optimizer: SLNB, model: nn.Module, neurons: list[Neuron],
