@@ -32,8 +32,12 @@ class Capture:
         count: Number of input positions (a 0-d tensor, so it can be all-reduced with the rest).
         n_out: Number of output positions ``N`` of the metric (0-d tensor).
         gram: Explicit backend: ``sum x x^T`` over input positions (``(d, d)``), else ``None``.
-        inputs: Matrix-free backend: the inputs themselves, as given to the layer.
-        explicit: Which backend this step uses (fixed by the first input of the step).
+        inputs: Matrix-free backend: private copies of the inputs (a caller may refill its
+            tensors after the forward), each ``(rows, d)`` or a convolution's batch.
+        explicit: Which backend this step uses: with ``"auto"`` the inputs are kept until the
+            step's rows make the explicit second moment cheaper, then folded into ``gram``.
+        rows: Rows of the kept inputs.
+        task: The backward pass that last added to this capture (see ``hooks.CaptureHook``).
     """
 
     sum_x: Tensor
@@ -43,6 +47,8 @@ class Capture:
     gram: Tensor | None = None
     inputs: list[Tensor] = field(default_factory=list)
     explicit: bool = True
+    rows: int = 0
+    task: int = -1
 
     def square_sums(self) -> Tensor:
         """Sum of squared features (the gram's diagonal when the explicit backend is used)."""
@@ -123,6 +129,9 @@ class Neuron:
         self.cg_iters_hint = 2
         self.ridge = 0.0
         self.reduce_fn: Callable[[list[Tensor]], None] | None = None
+        #: The slot of a head fed from its backbone's hidden states, while the forward that
+        #: made it may still call the head itself (see ``hooks``); a weak reference.
+        self.pending_head: Callable[[], object] | None = None
 
     # -- statistics -------------------------------------------------------------------------
     @property
@@ -169,6 +178,34 @@ class Neuron:
         """Add one forward's input to this step's capture (called from a backward hook)."""
         raise NotImplementedError
 
+    def _keep(self, cap: Capture, x: Tensor, source: Tensor, rows: int) -> None:
+        """Keep a private copy of an input for the matrix-free products.
+
+        A reference would not do: a caller may refill the tensor after the forward
+        (``buf.copy_(x_k)``). The copy costs no memory once the backward pass is over, since
+        autograd frees its own saved input then; only a tensor the caller keeps is held twice.
+        """
+        if x.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+            x = x.clone()
+        cap.inputs.append(x)
+        cap.rows += rows
+
+    def _fold_if_cheaper(self, cap: Capture, distributed: bool) -> None:
+        """``"auto"``: switch to the explicit second moment once this step's rows favour it.
+
+        The first micro-batch alone cannot decide: many small micro-batches add up to a step
+        whose kept inputs cost more, in memory and metric products, than ``sum x x^T``. The
+        fold adds the kept inputs in the order they came, exactly as the explicit backend.
+        """
+        if (self.backend != "auto" or distributed or not self.supports_explicit
+                or not self.explicit_is_cheaper(cap.rows)):
+            return
+        d = self.num_features
+        gram = torch.zeros(d, d, dtype=self.dtype, device=self.weight.device)
+        for x in cap.inputs:
+            add_gram_upper(gram, x.reshape(-1, d).to(self.dtype))
+        cap.gram, cap.inputs, cap.rows, cap.explicit = gram, [], 0, True
+
     def _captured(self) -> Capture:
         if self.capture is None:
             raise RuntimeError(f"SLNB: no input was captured for {self.name!r} this step")
@@ -208,6 +245,7 @@ class LinearNeuron(Neuron):
         return self.weight.shape[1 if self.features_last else 0]
 
     def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        source = x
         x = x.reshape(-1, x.shape[-1])
         cap = self.capture
         if cap is None:
@@ -223,7 +261,8 @@ class LinearNeuron(Neuron):
         else:
             cap.sum_x2 += (xs * xs).sum(0)
             if not diagonal_only:
-                cap.inputs.append(x)
+                self._keep(cap, x, source, x.shape[0])
+                self._fold_if_cheaper(cap, distributed)
 
     def prepare(self, ridge: float) -> None:
         super().prepare(ridge)
@@ -349,6 +388,7 @@ class ConvNeuron(Neuron):
         return t.reshape(g, t.shape[0] // g, t.shape[1], -1)
 
     def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        source = x
         spatial = self.weight.dim() - 2
         if x.dim() == spatial + 1:  # unbatched input
             x = x.unsqueeze(0)
@@ -362,7 +402,7 @@ class ConvNeuron(Neuron):
         cap.count += xs.numel() // xs.shape[1]
         cap.n_out += out_positions
         if not diagonal_only:
-            cap.inputs.append(x)
+            self._keep(cap, x, source, 0)  # rows: unused (no explicit conv backend)
 
     def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
         g = self.module.groups  # type: ignore[attr-defined]

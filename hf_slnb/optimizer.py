@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 
-from . import distributed
+from . import distributed, hooks
 from .distributed import is_dtensor, local
 from .functional import Vec, bias_corrected, conjugate_gradient, dot, preconditioner_terms
 from .layers import (
@@ -22,7 +23,6 @@ from .layers import (
     Neuron,
     _is_hf_conv1d,
     neuron_for,
-    out_positions,
     stat_dtype,
 )
 
@@ -303,10 +303,7 @@ class SLNB(Optimizer):
         self.neurons: list[Neuron] = self._find_neurons(model, patterns)
         self._index_neurons()
         self._param_ids = self._current_param_ids()
-        self._handles = [
-            n.module.register_forward_hook(self._make_hook(n), with_kwargs=True)
-            for n in self.neurons
-        ]
+        self._install_hooks(self.neurons)
 
     # -- construction -----------------------------------------------------------------------
     def _parameter_names(self, model: nn.Module) -> dict[int, str]:
@@ -427,8 +424,7 @@ class SLNB(Optimizer):
         self.neurons.extend(new)
         self._index_neurons()
         self._param_ids = self._current_param_ids()
-        self._handles.extend(
-            n.module.register_forward_hook(self._make_hook(n), with_kwargs=True) for n in new)
+        self._install_hooks(new)
 
     def _index_neurons(self) -> None:
         self._neuron_of = {id(n.weight): n for n in self.neurons}
@@ -459,34 +455,52 @@ class SLNB(Optimizer):
             n.bias = bias if isinstance(bias, Tensor) and id(bias) in mine else None
         self._index_neurons()
 
-    def _make_hook(self, neuron: Neuron) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not (module.training and torch.is_grad_enabled()):
-                return
-            if not (isinstance(output, Tensor) and output.requires_grad):
-                return
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            if not isinstance(x, Tensor):
-                return
-            x = x.detach()
-            n_out = out_positions(output, neuron)
+    def _install_hooks(self, neurons: list[Neuron]) -> None:
+        """Hook ``neurons``' modules (see :mod:`hf_slnb.hooks`: weak, picklable, one owner each).
 
-            def on_grad(grad: Tensor) -> None:
-                # Committed only when a gradient flows back: no_grad/eval passes and the
-                # forward of a checkpointed segment that is recomputed count exactly once.
-                neuron.record(x, n_out, self.diagonal_only,
-                              distributed.world_size(self.process_group) > 1)
+        The hooks hold this optimizer weakly and are removed when it is garbage-collected. A
+        module already hooked by another live SLNB optimizer is taken over, with a warning;
+        that optimizer then refuses to step.
+        """
+        if not hasattr(self, "_hooks"):
+            self._handles: list[Any] = []
+            self._hooks: list[hooks.CaptureHook] = []
+            self._hooks_taken: list[str] = []
+            self._uncaptured_warned: set[str] = set()
+            # The finalizer holds the lists, not the optimizer: a discarded optimizer is freed.
+            self._finalizer = weakref.finalize(self, hooks.remove, self._handles, self._hooks)
+        taken = hooks.install(self, self.model, neurons, self._handles, self._hooks)
+        if taken:
+            shown = ", ".join(repr(t) for t in taken[:5]) + (" ..." if len(taken) > 5 else "")
+            warnings.warn(
+                f"SLNB: {len(taken)} module(s) of this model were hooked by an earlier SLNB "
+                f"optimizer that is still alive ({shown}); their hooks now belong to the new "
+                "optimizer, and the earlier one refuses to step. Call remove_hooks() on an "
+                "optimizer you no longer use.", UserWarning, stacklevel=3)
 
-            output.register_hook(on_grad)
-
-        return hook
+    def _world_size(self) -> int:
+        return distributed.world_size(self.process_group)
 
     def remove_hooks(self) -> None:
         """Detach SLNB from the model (the optimizer then falls back to the identity metric)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        hooks.remove(self._handles, self._hooks)
         self.clear_captures()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, as ``torch.optim`` does, and drop the inputs captured with them.
+
+        A step skipped by ``torch.amp.GradScaler`` or a discarded batch leaves captures behind;
+        the next step must see only the inputs of its own gradients. (``model.zero_grad()``,
+        which the Trainer calls, sets gradients to ``None``: the hooks notice that instead.)
+        """
+        super().zero_grad(set_to_none=set_to_none)
+        self.clear_captures()
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError(
+            "SLNB cannot be copied or pickled (copy.deepcopy, pickle, torch.save of the "
+            "optimizer): it is bound to the hooks of one live model. Save opt.state_dict() "
+            "instead and load it into a new SLNB built on the model with load_state_dict().")
 
     def clear_captures(self) -> None:
         """Drop the inputs captured since the last step."""
@@ -662,6 +676,26 @@ class SLNB(Optimizer):
         return out
 
     # -- the step ---------------------------------------------------------------------------
+    def _warn_uncaptured(self) -> None:
+        """Warn once per layer whose weight has a gradient but whose input was never seen.
+
+        Python-side facts only (no device sync): such a layer was used functionally
+        (``F.linear(x, layer.weight)``) or run in eval mode / under ``no_grad``, and gets the
+        identity metric. Not said after ``remove_hooks()``, which asks for exactly that.
+        """
+        if not self._hooks:
+            return
+        for n in self.neurons:
+            if n.capture is None and n.weight.grad is not None and (
+                    n.name not in self._uncaptured_warned):
+                self._uncaptured_warned.add(n.name)
+                warnings.warn(
+                    f"SLNB: layer {n.name!r} got a gradient but SLNB never saw its input (the "
+                    "layer was used functionally, e.g. through F.linear(x, layer.weight), or ran "
+                    "in eval mode or under torch.no_grad()); it gets the identity metric. Call "
+                    "the module itself, or add it to skip_modules to silence this.",
+                    UserWarning, stacklevel=5)  # past step's no_grad and profiling wrappers
+
     def _reduce_captures(self, world: int) -> None:
         """Sum every neuron's capture over the data-parallel ranks (one collective per dtype)."""
         if world == 1:
@@ -701,6 +735,12 @@ class SLNB(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._follow_replaced_params()
+        if self._hooks_taken:
+            raise RuntimeError(
+                f"SLNB: a newer SLNB optimizer built on the same model took over this one's hooks "
+                f"(on {', '.join(repr(t) for t in self._hooks_taken[:5])}); this optimizer no "
+                "longer sees the layers' inputs. Step the newer optimizer, or build one optimizer "
+                "per model.")
         world = distributed.world_size(self.process_group)
         group_of: dict[int, dict[str, Any]] = {}
         params: list[Tensor] = []
@@ -713,6 +753,7 @@ class SLNB(Optimizer):
                     group_of[id(p)] = group
                     params.append(p)
         self._follow_dtypes(params)
+        self._warn_uncaptured()
         self._reduce_captures(world)
         reduce_fn = None
         if world > 1:
