@@ -361,6 +361,55 @@ def apply_update_(params: list[Tensor], hs: list[Tensor], scales: list[Tensor],
         keep_where_(found, params, new)
 
 
+class SkipLog:
+    """Counts masked (skipped) steps without a host read in the step that skipped.
+
+    :func:`found_nonfinite` leaves the skip decision on the device. Each step hands its flag to
+    :meth:`record`, which starts a non-blocking copy into host memory (pinned on CUDA) and returns
+    at once. :meth:`poll` (call it at the start of the next step) counts the copies that have
+    landed, in order, without waiting: on CUDA an event per copy says whether it has, so a skip
+    is reported one step late at the earliest, never lost. :meth:`flush` waits for every pending
+    copy (the one place that syncs: ``diagnostics()``, ``state_dict()``, the end of training).
+    The warning is the caller's, raised when :meth:`poll` or :meth:`flush` returns a skip.
+    """
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self._pending: list[tuple[Tensor, torch.cuda.Event | None]] = []
+
+    def record(self, found: Tensor) -> None:
+        """Start copying this step's 0-d flag to the host (no wait)."""
+        cuda = found.device.type == "cuda"
+        host = torch.empty((), dtype=found.dtype, pin_memory=cuda)
+        host.copy_(found, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((host, event))
+
+    def _drain(self, wait: bool) -> int:
+        new = 0
+        while self._pending:
+            host, event = self._pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()
+            self._pending.pop(0)
+            new += int(host.item() > 0)  # a host tensor: no device read
+        self.skipped += new
+        return new
+
+    def poll(self) -> int:
+        """Skips among the copies that have landed (counted once each), without waiting."""
+        return self._drain(wait=False)
+
+    def flush(self) -> int:
+        """Skips among every pending copy, waiting for them (a sync on CUDA)."""
+        return self._drain(wait=True)
+
+
 # -- captures ---------------------------------------------------------------------------------
 def add_moments_(sum_x: Tensor, sum_x2: Tensor, x: Tensor) -> None:
     """``sum_x += x.sum(0)``, ``sum_x2 += (x * x).sum(0)`` for rows ``x`` ``(n, d)``.
@@ -382,6 +431,7 @@ def add_token_counts_(counts: Tensor, idx: Tensor, one: Tensor) -> None:
 
 
 __all__ = [
+    "SkipLog",
     "adam_directions_",
     "add_moments_",
     "add_token_counts_",

@@ -345,3 +345,16 @@ def test_moments_and_token_counts_without_temporaries_or_bincount() -> None:
     assert torch.equal(counts, want)
     assert _syncs(fused.add_moments_, sx, sx2, xs[0]) == {}
     assert _syncs(fused.add_token_counts_, counts, idx[0], one) == {}
+
+
+def test_skip_log_counts_each_masked_step_once_without_a_device_read() -> None:
+    one = torch.ones(())
+    log = fused.SkipLog()
+    flags = [fused.found_nonfinite([torch.tensor([v])], one) for v in (1.0, float("inf"), 2.0)]
+    assert _syncs(log.record, flags[0]) == {}  # the hot path: a non-blocking copy only
+    log.record(flags[1])
+    assert log.poll() == 1 and log.skipped == 1
+    assert log.poll() == 0  # counted once
+    log.record(flags[2])
+    log.record(flags[1])
+    assert log.flush() == 1 and log.skipped == 2
