@@ -28,8 +28,30 @@ Stack = tuple[Tensor, ...]
 
 
 # -- momentum ---------------------------------------------------------------------------------
+def _bias_divide(ts: list[Tensor], decays: Sequence[float], steps: Sequence[int] | Tensor
+                 ) -> list[Tensor]:
+    """``t / (1 - decay^step)`` for each tensor; ``steps`` Python ints or one 0-d device tensor.
+
+    A device step count is what a masked skip needs (it must not advance on a skipped step,
+    which the host does not know): the corrections are then computed on the device, one
+    ``pow`` per distinct decay.
+    """
+    if not isinstance(steps, Tensor):
+        return list(torch._foreach_div(ts, [1.0 - d**t for d, t in zip(decays, steps)]))
+    out: list[Tensor] = list(ts)
+    by_decay: dict[float, list[int]] = {}
+    for i, d in enumerate(decays):
+        by_decay.setdefault(d, []).append(i)
+    for d, idx in by_decay.items():
+        correction = torch.pow(d, steps).neg_().add_(1.0)
+        for i, q in zip(idx, torch._foreach_div([ts[i] for i in idx], correction)):
+            out[i] = q
+    return out
+
+
 def momentum_(
-    bufs: list[Tensor], grads: list[Tensor], betas: Sequence[float], steps: Sequence[int]
+    bufs: list[Tensor], grads: list[Tensor], betas: Sequence[float],
+    steps: Sequence[int] | Tensor,
 ) -> list[Tensor]:
     """Update momentum buffers in place; return the bias-corrected momenta ``g``.
 
@@ -39,8 +61,8 @@ def momentum_(
         bufs: Momentum buffers, updated in place.
         grads: Gradients, one per buffer, already in the buffer's dtype.
         betas: Momentum ``beta`` of each buffer, in ``[0, 1)`` (Python floats).
-        steps: Step count ``t >= 1`` of each buffer after this step (Python ints: a CPU counter
-            read costs no sync, a device one would).
+        steps: Step count ``t >= 1`` of each buffer after this step: Python ints, or one 0-d
+            device tensor shared by all (see :func:`_bias_divide`); never read on the host.
 
     Returns:
         The new tensors ``g``, one per buffer.
@@ -52,7 +74,7 @@ def momentum_(
                              [1.0 - betas[i] for i in lerp])
     if copy:
         torch._foreach_copy_([bufs[i] for i in copy], [grads[i] for i in copy])
-    return list(torch._foreach_div(bufs, [1.0 - b**t for b, t in zip(betas, steps)]))
+    return _bias_divide(bufs, betas, steps)
 
 
 # -- feature statistics and the diagonal preconditioner ---------------------------------------
@@ -277,8 +299,8 @@ def tensor_rms_scales_(
 
 
 def adam_directions_(
-    exp_avg_sq: list[Tensor], grads: list[Tensor], gs: list[Tensor], steps: Sequence[int],
-    decay: float, eps: float,
+    exp_avg_sq: list[Tensor], grads: list[Tensor], gs: list[Tensor],
+    steps: Sequence[int] | Tensor, decay: float, eps: float,
 ) -> list[Tensor]:
     """Adam's direction ``g / (sqrt(v / (1 - decay^t)) + eps)`` after ``v <- decay v + (1-decay) grad^2``.
 
@@ -286,7 +308,7 @@ def adam_directions_(
     """
     torch._foreach_mul_(exp_avg_sq, decay)
     torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - decay)
-    den = torch._foreach_div(exp_avg_sq, [1.0 - decay**t for t in steps])
+    den = _bias_divide(exp_avg_sq, [decay] * len(exp_avg_sq), steps)
     torch._foreach_sqrt_(den)
     torch._foreach_add_(den, eps)
     return list(torch._foreach_div(gs, den))
@@ -295,6 +317,8 @@ def adam_directions_(
 def graft_tensor_scales(adams: list[Tensor], hs: list[Tensor], lrs: Sequence[float]
                         ) -> list[Tensor]:
     """Adam grafting per tensor: ``-lr |adam| / |h|`` (``|h|`` floored at the dtype's tiny)."""
+    if not hs:
+        return []
     na = torch._foreach_norm(adams)
     nh = torch._foreach_norm(hs)
     torch._foreach_clamp_min_(nh, torch.finfo(hs[0].dtype).tiny if hs else 0.0)
@@ -338,6 +362,23 @@ def keep_where_(found: Tensor, dst: list[Tensor], new: list[Tensor]) -> None:
     skip = found > 0
     for d, n in zip(dst, new):
         torch.where(skip, d, n, out=d)
+
+
+def commit_(dst: list[Tensor], new: list[Tensor], keep: Tensor) -> None:
+    """``dst <- new`` where ``keep`` is 1, ``dst`` unchanged where it is 0: one foreach op.
+
+    ``lerp`` with a 0/1 weight is exact for finite values (torch computes
+    ``new - (new - dst) (1 - w)`` for ``w >= 0.5`` and ``dst + w (new - dst)`` below), so ``new``
+    must be finite even on a skipped step: compute it from sanitised inputs (see
+    ``scripts/count_fused_ops.py``), else use :func:`keep_where_`. Only the sign of a zero may
+    change (``-0.0`` can become ``0.0``), which ``torch.equal`` does not see.
+
+    Args:
+        dst: Tensors written in place.
+        new: Their new values, finite.
+        keep: 0-d float tensor, 1 to write, 0 to keep (``1 - found``).
+    """
+    torch._foreach_lerp_(dst, new, [keep] * len(dst))
 
 
 def apply_update_(params: list[Tensor], hs: list[Tensor], scales: list[Tensor],
@@ -436,6 +477,7 @@ __all__ = [
     "add_moments_",
     "add_token_counts_",
     "apply_update_",
+    "commit_",
     "conjugate_gradient_masked",
     "feature_statistics_",
     "found_nonfinite",

@@ -59,6 +59,11 @@ def test_momentum_equals_the_loop_bit_for_bit() -> None:
     for a, b in zip(bufs + out, ref_bufs + ref):
         assert torch.equal(a, b)
     assert _syncs(fused.momentum_, [b.clone() for b in bufs], grads, betas, steps) == {}
+    # a device step count (what a masked skip needs), shared by all: the same corrections
+    again = [b.clone() for b in ref_bufs]
+    on_device = fused.momentum_(again, grads, betas, torch.tensor(4.0, dtype=F64))
+    for a, m, beta in zip(on_device, again, betas):
+        _close(a, m / (1.0 - beta**4))
 
 
 # -- feature statistics -----------------------------------------------------------------------
@@ -358,3 +363,52 @@ def test_skip_log_counts_each_masked_step_once_without_a_device_read() -> None:
     log.record(flags[2])
     log.record(flags[1])
     assert log.flush() == 1 and log.skipped == 2
+
+
+def test_composed_default_step_equals_slnb_and_skips_a_nonfinite_step_as_a_mask() -> None:
+    """The default preset's step composed from ``fused`` (scripts/count_fused_ops.py) equals
+    today's ``SLNB`` step, and a NaN gradient leaves parameters and state bit for bit, with no
+    sync, as today's skip does (which then does not count the step either)."""
+    pytest.importorskip("transformers")
+    import copy
+    import importlib.util as iu
+    import warnings
+
+    from hf_slnb import SLNB
+
+    spec = iu.spec_from_file_location("count_fused_ops", SCRIPT.parent / "count_fused_ops.py")
+    mod = iu.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    model = _bench().build_count_model("gpt2-2l", 8, 32).double().train()
+    twin = copy.deepcopy(model)
+    opt = SLNB(model.parameters(), model=model, lr=3e-3, weight_decay=1e-4)
+    ref = SLNB(twin.parameters(), model=twin, lr=3e-3, weight_decay=1e-4)
+    fz = mod.FusedGraftRow(opt, 3e-3, 1e-4)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(4):
+        x = torch.randint(0, 32, (2, 8), generator=gen)
+        for m in (model, twin):
+            torch.manual_seed(k)
+            m(input_ids=x, labels=x).loss.backward()
+        if k == 2:  # a NaN gradient in both
+            next(model.parameters()).grad[0, 0] = float("nan")
+            next(twin.parameters()).grad[0, 0] = float("nan")
+        fz.load_captures(opt)
+        before = [t.clone() for t in list(model.parameters()) + fz.state()]
+        if k == 2:
+            assert _syncs(fz.step) == {}
+        else:
+            fz.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref.step()
+        opt.clear_captures()
+        with torch.no_grad():
+            for a, b in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        if k == 2:
+            after = list(model.parameters()) + fz.state()
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+    assert ref.skipped_steps == 1 and fz.log.flush() == 1
