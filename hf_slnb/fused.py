@@ -452,14 +452,24 @@ class SkipLog:
 
 
 # -- captures ---------------------------------------------------------------------------------
-def add_moments_(sum_x: Tensor, sum_x2: Tensor, x: Tensor) -> None:
-    """``sum_x += x.sum(0)``, ``sum_x2 += (x * x).sum(0)`` for rows ``x`` ``(n, d)``.
+def add_moments_(sum_x: Tensor, sum_x2: Tensor, x: Tensor, ones: Tensor) -> None:
+    """``sum_x += x.sum(0)``, ``sum_x2 += (x * x).sum(0)`` for rows ``x`` ``(n, d)``: three ops.
 
-    The squares are summed as a squared column norm, a reduction that keeps no ``(n, d)``
-    temporary of squares (it rounds differently from ``(x * x).sum(0)``, by a few ulps).
+    The sum is a product with a ones vector written into ``sum_x`` (``addmv_``); the squares
+    are summed as a squared column norm (``addcmul_`` of the norm with itself), a reduction
+    that keeps no ``(n, d)`` temporary of squares. Both round differently from
+    ``sum``/``(x * x).sum`` by a few ulps. The row count is the caller's, a Python number.
+
+    Args:
+        sum_x: Running sums ``(d,)``, updated in place.
+        sum_x2: Running sums of squares ``(d,)``, updated in place.
+        x: Rows ``(n, d)`` in the sums' dtype.
+        ones: A ones vector of at least ``n`` elements in that dtype, made once (and grown
+            when a longer input comes: outside the steady state).
     """
-    sum_x.add_(x.sum(0))
-    sum_x2.add_(torch.linalg.vector_norm(x, dim=0).square_())
+    sum_x.addmv_(x.T, ones[: x.shape[0]])
+    norm = torch.linalg.vector_norm(x, dim=0)
+    sum_x2.addcmul_(norm, norm)
 
 
 def add_token_counts_(counts: Tensor, idx: Tensor, one: Tensor) -> None:

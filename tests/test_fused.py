@@ -337,8 +337,9 @@ def test_moments_and_token_counts_without_temporaries_or_bincount() -> None:
     torch.manual_seed(16)
     xs = [torch.randn(n, 5, dtype=F64) for n in (7, 3)]
     sx, sx2 = torch.zeros(5, dtype=F64), torch.zeros(5, dtype=F64)
+    ones = torch.ones(7, dtype=F64)
     for x in xs:
-        fused.add_moments_(sx, sx2, x)
+        fused.add_moments_(sx, sx2, x, ones)
     dense = torch.cat(xs)
     _close(sx, dense.sum(0))
     _close(sx2, torch.diagonal(dense.T @ dense))
@@ -348,8 +349,13 @@ def test_moments_and_token_counts_without_temporaries_or_bincount() -> None:
         fused.add_token_counts_(counts, i, one)
     want = torch.bincount(torch.cat([i.reshape(-1) for i in idx]), minlength=11).to(F64)
     assert torch.equal(counts, want)
-    assert _syncs(fused.add_moments_, sx, sx2, xs[0]) == {}
+    assert _syncs(fused.add_moments_, sx, sx2, xs[0], ones) == {}
+    # the hook's maths in three device ops (the budget is four per layer and micro-batch)
+    counter = _bench().count_ops_in(fused.add_moments_, sx, sx2, xs[1], ones)
+    assert counter.device_ops("other") - counter.views("other") == 3
     assert _syncs(fused.add_token_counts_, counts, idx[0], one) == {}
+    counter = _bench().count_ops_in(fused.add_token_counts_, counts, idx[1], one)
+    assert counter.device_ops("other") - counter.views("other") == 1  # index_add_ alone
 
 
 def test_skip_log_counts_each_masked_step_once_without_a_device_read() -> None:
