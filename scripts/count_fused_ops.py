@@ -163,6 +163,118 @@ class FusedGraftRow:
         torch._foreach_zero_(caps + [gr["count"] for gr in self.groups])
 
 
+class FusedPaper:
+    """``preset="paper"`` (PCG, one global radius) from ``hf_slnb.fused``, for counting.
+
+    Supports what the tiny Llama has: ``nn.Linear`` without bias (matrix-free metric, the inputs
+    of a group stacked) and ``nn.Embedding`` (diagonal metric); every other parameter has the
+    identity metric. No skip mask here: the default preset's class shows it.
+    """
+
+    def __init__(self, opt: SLNB) -> None:
+        g = opt.param_groups[0]
+        self.opt, self.beta, self.md, self.sd, self.s = opt, g["momentum"], g["mean_decay"], \
+            g["sq_mean_decay"], g["shrinkage"]
+        self.lr, self.wd, self.ridge, self.iters = g["lr"], g["weight_decay"], g["ridge"], \
+            g["cg_iters"]
+        self.params = [p for p in g["params"] if p.requires_grad]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        groups: dict[tuple[Any, ...], list[Any]] = {}
+        for n in opt.neurons:
+            if n.bias is not None or not isinstance(n, (LinearNeuron, EmbeddingNeuron)) or (
+                    isinstance(n, LinearNeuron) and not n.features_last):
+                raise ValueError(f"FusedPaper: unsupported layer {n.name!r}")
+            groups.setdefault((type(n), tuple(n.weight.shape)), []).append(n)
+        dtype = self.params[0].dtype
+        self.groups = [{
+            "neurons": ns, "embedding": isinstance(ns[0], EmbeddingNeuron),
+            "mu": torch.zeros(len(ns), ns[0].num_features, dtype=dtype),
+            "nu": torch.zeros(len(ns), ns[0].num_features, dtype=dtype),
+            "step": torch.zeros(len(ns), 1, dtype=dtype),
+            "sol": torch.zeros((len(ns),) + tuple(ns[0].weight.shape), dtype=dtype),
+            "w": [self.index[id(n.weight)] for n in ns]} for ns in groups.values()]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        self.t += 1
+        params, n = self.params, len(self.params)
+        g = fused.momentum_(self.m, [p.grad for p in params], [self.beta] * n, [self.t] * n)
+        hs = list(g)
+        for gr in self.groups:
+            caps = [nr.capture for nr in gr["neurons"]]
+            sum_x = torch.stack([c.sum_x for c in caps])
+            count = torch.stack([c.count for c in caps]).unsqueeze(1)
+            n_out = torch.stack([c.n_out for c in caps]).reshape(-1, 1, 1)
+            mu, _, inv, _ = fused.feature_statistics_(
+                gr["mu"], gr["nu"], gr["step"], sum_x, torch.stack([c.square_sums() for c in caps]),
+                count, self.md, self.sd, self.s, False)
+            b = (torch.stack([g[i] for i in gr["w"]]),)
+            axis = 0 if gr["embedding"] else 1
+            if gr["embedding"]:
+                diag = (sum_x.unsqueeze(2) / n_out).add_(self.ridge)
+
+                def matvec(v: Any, diag: Tensor = diag) -> Any:
+                    return (v[0] * diag,)
+            else:
+                xs = torch.stack([torch.cat([x.reshape(-1, x.shape[-1]) for x in c.inputs])
+                                  for c in caps])
+
+                def matvec(v: Any, xs: Tensor = xs, n_out: Tensor = n_out) -> Any:
+                    y = torch.bmm(xs, v[0].transpose(1, 2))
+                    return (torch.bmm(y.transpose(1, 2), xs).div_(n_out).add_(v[0],
+                                                                              alpha=self.ridge),)
+
+            def pre(v: Any, mu: Tensor = mu, inv: Tensor = inv, axis: int = axis) -> Any:
+                return fused.precondition_stacked(v, mu, inv, axis)
+
+            x0 = (gr["sol"],) if self.t > 1 else None
+            sol, _ = fused.conjugate_gradient_masked(matvec, b, x0, pre, self.iters,
+                                                     self.opt.cg_tol)
+            gr["sol"].copy_(sol[0])
+            for i, hh in zip(gr["w"], sol[0].unbind()):
+                hs[i] = hh
+        scales, norm = fused.global_radius_scales(fused.inner_products(hs, g), [self.lr] * n,
+                                                  self.opt.min_norm)
+        new = torch._foreach_mul(params, 1.0 - self.lr * self.wd)
+        torch._foreach_add_(new, torch._foreach_mul(hs, scales))
+        torch._foreach_copy_(params, new)
+        return norm
+
+
+def run_paper(steps: int) -> dict[str, Any]:
+    """The paper preset on the tiny Llama: ops, syncs, and the difference to ``SLNB``."""
+    bench = _bench()
+    vocab, seq = 128, 16
+    model = bench.build_count_model("llama-12l", seq, vocab).double().train()
+    twin = copy.deepcopy(model)
+    opt = SLNB(model.parameters(), model=model, preset="paper", metric_backend="matrix_free")
+    ref = SLNB(twin.parameters(), model=twin, preset="paper", metric_backend="matrix_free")
+    fz = FusedPaper(opt)
+    gen = torch.Generator().manual_seed(1)
+    counter = None
+    for k in range(steps):
+        x = torch.randint(0, vocab, (2, seq), generator=gen)
+        model(input_ids=x, labels=x).loss.backward()
+        twin(input_ids=x, labels=x).loss.backward()
+        if k == steps - 1:
+            with bench.OpCounter() as counter:
+                fz.step()
+        else:
+            fz.step()
+        ref.step()
+        opt.clear_captures()
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(),
+                                                              twin.parameters()))
+    return {"tensors": len(fz.params), "ops": counter.device_ops("other"),  # type: ignore[union-attr]
+            "views": counter.views("other"), "syncs": dict(counter.syncs["other"]),  # type: ignore[union-attr]
+            "diff": diff}
+
+
 def run(name: str, steps: int) -> dict[str, Any]:
     bench = _bench()
     vocab, seq = 128, 16
@@ -207,6 +319,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("gpt2-12l", "llama-12l", "both"))
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--paper", action="store_true",
+                        help="also count preset='paper' (PCG, global radius) on llama-12l")
     parser.set_defaults(model="both", steps=3)
     args = parser.parse_args()
     names = ("gpt2-12l", "llama-12l") if args.model == "both" else (args.model,)
@@ -217,6 +331,11 @@ def main() -> None:
               f"syncs {r['syncs'] or 0}, max |p_fused - p_SLNB| = {r['max_abs_diff_vs_SLNB']:.2e} "
               f"(at {r['worst']}; SLNB moved the parameters by up to {r['moved']:.2e})")
         print("  most frequent ops:", ", ".join(f"{k.split('.')[1]} {v}" for k, v in r["top"]))
+    if args.paper:
+        r = run_paper(args.steps)
+        print(f"llama-12l preset=paper (matrix-free PCG): {r['tensors']} tensors, step "
+              f"{r['ops']} device ops ({r['ops'] / r['tensors']:.2f} per tensor; {r['views']} "
+              f"views), syncs {r['syncs'] or 0}, max |p_fused - p_SLNB| = {r['diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -418,3 +418,46 @@ def test_composed_default_step_equals_slnb_and_skips_a_nonfinite_step_as_a_mask(
         model.zero_grad(set_to_none=True)
         twin.zero_grad(set_to_none=True)
     assert ref.skipped_steps == 1 and fz.log.flush() == 1
+
+
+def test_composed_paper_step_with_masked_pcg_equals_slnb_without_a_sync() -> None:
+    """``preset="paper"`` composed from ``fused`` (stacked matrix-free PCG with masks, global
+    radius) equals today's ``SLNB``, whose PCG exits early on the CPU."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+    import importlib.util as iu
+
+    from hf_slnb import SLNB
+
+    spec = iu.spec_from_file_location("count_fused_ops", SCRIPT.parent / "count_fused_ops.py")
+    mod = iu.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=32, vocab_size=32, max_position_embeddings=8,
+        tie_word_embeddings=False)).double().train()
+    twin = copy.deepcopy(model)
+    kw = {"preset": "paper", "metric_backend": "matrix_free"}
+    opt = SLNB(model.parameters(), model=model, **kw)
+    ref = SLNB(twin.parameters(), model=twin, **kw)
+    fz = mod.FusedPaper(opt)
+    start = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for k in range(3):
+        x = torch.randint(0, 32, (2, 8), generator=gen)
+        for m in (model, twin):
+            m(input_ids=x, labels=x).loss.backward()
+        if k == 2:
+            assert _syncs(fz.step) == {}
+        else:
+            fz.step()
+        ref.step()
+        opt.clear_captures()
+        with torch.no_grad():
+            for a, b in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the steps did move the parameters
+        assert max(float((a - b).abs().max()) for a, b in zip(model.parameters(), start)) > 1e-3
