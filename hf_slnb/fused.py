@@ -34,7 +34,9 @@ def _bias_divide(ts: list[Tensor], decays: Sequence[float], steps: Sequence[int]
 
     A device step count is what a masked skip needs (it must not advance on a skipped step,
     which the host does not know): the corrections are then computed on the device, one
-    ``pow`` per distinct decay.
+    ``pow`` per distinct decay. Keep that counter a 0-d float64 tensor: its corrections then
+    round exactly as the Python floats do, and float32 results are bit-identical to the
+    Python-number path (a float32 counter differs by an ulp in about one step in six).
     """
     if not isinstance(steps, Tensor):
         return list(torch._foreach_div(ts, [1.0 - d**t for d, t in zip(decays, steps)]))

@@ -83,7 +83,8 @@ class FusedGraftRow:
             })
         self.rows = {i for gr in self.groups for i in gr["w"]}
         self.one = torch.ones((), dtype=torch.float32)
-        self.t = torch.zeros((), dtype=dtype)  # on the device: a skipped step does not count
+        # on the device (a skipped step does not count), float64 (see fused._bias_divide)
+        self.t = torch.zeros((), dtype=torch.float64)
         self.log = fused.SkipLog()
 
     def state(self) -> list[Tensor]:

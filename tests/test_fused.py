@@ -66,6 +66,21 @@ def test_momentum_equals_the_loop_bit_for_bit() -> None:
         _close(a, m / (1.0 - beta**4))
 
 
+def test_device_step_count_is_bit_identical_to_python_steps_in_float32() -> None:
+    """A 0-d float64 step counter gives float32 bias corrections exactly as Python floats do."""
+    torch.manual_seed(17)
+    for t in range(1, 200):
+        m, g = torch.randn(64), torch.randn(64)
+        a = fused.momentum_([m.clone()], [g], [0.9], [t])[0]
+        b = fused.momentum_([m.clone()], [g], [0.9], torch.tensor(float(t), dtype=F64))[0]
+        assert b.dtype == torch.float32 and torch.equal(a, b), t
+        v = [torch.rand(64)]
+        a = fused.adam_directions_([v[0].clone()], [g], [g], [t], 0.999, 1e-8)[0]
+        b = fused.adam_directions_([v[0].clone()], [g], [g], torch.tensor(float(t), dtype=F64),
+                                   0.999, 1e-8)[0]
+        assert torch.equal(a, b), t
+
+
 # -- feature statistics -----------------------------------------------------------------------
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_feature_statistics_equal_the_per_layer_path(has_bias: bool) -> None:
