@@ -384,7 +384,9 @@ def _check_setup(args: TrainingArguments) -> None:
 
 def _lr_is_radius(args: TrainingArguments) -> bool:
     """Whether lr is a trust-region radius (not an Adam-like step, as with a per-tensor one)."""
-    return bool(resolved_option("trust_region", slnb_optimizer_kwargs(args)) == "global")
+    from .step_rules import step_rule
+
+    return step_rule(resolved_option("trust_region", slnb_optimizer_kwargs(args))).lr_is_radius
 
 
 def _resolve_learning_rate(args: TrainingArguments) -> None:

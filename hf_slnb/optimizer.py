@@ -25,6 +25,7 @@ from .layers import (
     neuron_for,
     stat_dtype,
 )
+from .step_rules import STEP_RULES
 
 PAPER_URL = "https://arxiv.org/abs/2502.01131"
 
@@ -41,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "graft": {"lr": 3e-3, "ridge": 1.0, "ridge_mode": "relative", "trust_region": "graft_row",
               "diagonal_only": True, "precondition_embeddings": True},
 }
-TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
+TRUST_REGIONS = tuple(STEP_RULES)  # the registered step rules, in one place
 #: Options that give the optimizer state its meaning (its buffers, what ``ridge`` and the
 #: second moments mean, which layers keep statistics): a checkpoint loads only into an optimizer
 #: built with the same values.

@@ -44,8 +44,9 @@ def slnb_lr_is_radius(optim_args: str | None) -> bool:
     (SLNB's direction, Adam's step size per output row) lr is an Adam-like step.
     """
     from hf_slnb.integration import parse_optim_args, resolved_option
+    from hf_slnb.step_rules import step_rule
 
-    return bool(resolved_option("trust_region", parse_optim_args(optim_args)) == "global")
+    return step_rule(resolved_option("trust_region", parse_optim_args(optim_args))).lr_is_radius
 
 
 def set_threads() -> int:

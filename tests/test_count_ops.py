@@ -8,7 +8,6 @@ end to end on a 2-layer GPT-2. SLNB's own counts are benchmark numbers and not p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,20 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_script
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_step.py"
-
-
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("benchmark_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-bench = _load()
+bench = load_script("benchmark_step")
+SCRIPT = Path(bench.__file__)
 
 
 def _count(fn: Any, *args: Any, host: list[torch.Tensor] | None = None) -> Any:

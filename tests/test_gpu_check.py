@@ -6,27 +6,17 @@ of the sync debug mode, and that the side-by-side training compares like with li
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import load_script
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-
-
-def _load() -> Any:
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-gpu_check = _load()
+gpu_check = load_script("gpu_check")
 
 
 def test_cpu_sync_guard_raises_on_item_but_not_on_host_counters() -> None:

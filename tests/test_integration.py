@@ -44,18 +44,10 @@ from hf_slnb.optimizer import PRESETS
 hf_slnb.register()  # in-process tests do not rely on the .pth hook being installed
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("float32_one_thread")
 DIAGNOSTICS = ("slnb/step_norm", "slnb/cg_rel_residual", "slnb/preconditioned_fraction")
 
 
-@pytest.fixture(autouse=True)
-def _float32_one_thread():
-    """HF models in float32 whatever other modules set; one thread (2 shared cores thrash)."""
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -303,14 +303,6 @@ def test_head_used_functionally_gets_the_metric_of_the_module(preset: str) -> No
     assert torch.equal(runs[0][0], runs[1][0])
 
 
-@pytest.fixture
-def _float32_one_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
 
 
 def _hf_gpt2():
@@ -345,7 +337,7 @@ def _expected_fraction(model: nn.Module) -> float:
     return (total - norms) / total
 
 
-def test_trl_sft_trainer_preconditions_the_head(tmp_path: Path, _float32_one_thread) -> None:
+def test_trl_sft_trainer_preconditions_the_head(tmp_path: Path, float32_one_thread) -> None:
     trl = pytest.importorskip("trl")
     tokenizers = pytest.importorskip("tokenizers")
     import transformers
@@ -379,7 +371,7 @@ def test_trl_sft_trainer_preconditions_the_head(tmp_path: Path, _float32_one_thr
 
 
 def test_trainer_rerun_on_one_model_keeps_one_set_of_hooks(tmp_path: Path,
-                                                           _float32_one_thread) -> None:
+                                                           float32_one_thread) -> None:
     import transformers
     from datasets import Dataset
 

@@ -373,14 +373,6 @@ def test_parametrized_layers_are_reported_once_at_construction() -> None:
 # ---------------------------------------------------------------------------------------------
 # The Trainer: a cross-preset resume fails; the override warning is printed once
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def _float32_one_thread():
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
 
 
 def _trainer_args(tmp_path: Path, cls: Any = None, **kwargs: Any) -> Any:
@@ -409,7 +401,7 @@ def _tiny_gpt2_and_data() -> tuple[Any, Any]:
     return model, Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-@pytest.mark.usefixtures("_float32_one_thread")
+@pytest.mark.usefixtures("float32_one_thread")
 def test_trainer_resume_of_a_paper_checkpoint_without_the_preset_fails(tmp_path: Path) -> None:
     from transformers import Trainer
 
@@ -426,7 +418,7 @@ def test_trainer_resume_of_a_paper_checkpoint_without_the_preset_fails(tmp_path:
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
-@pytest.mark.usefixtures("_float32_one_thread")
+@pytest.mark.usefixtures("float32_one_thread")
 @pytest.mark.parametrize("optim_args,message", [
     ("preset=PAPER", r"--optim slnb: Invalid preset='PAPER': must be one of \('paper', 'graft'\)"),
     ("preset=adam", r"--optim slnb: Invalid preset='adam': must be one of \('paper', 'graft'\)"),
@@ -437,7 +429,7 @@ def test_trainer_unknown_preset_is_a_value_error_when_arguments_are_built(
         _trainer_args(tmp_path, optim_args=optim_args)  # default learning rate
 
 
-@pytest.mark.usefixtures("_float32_one_thread")
+@pytest.mark.usefixtures("float32_one_thread")
 def test_trainer_unknown_preset_field_is_a_value_error(tmp_path: Path) -> None:
     from hf_slnb.integration import SLNBTrainingArguments
 
@@ -445,7 +437,7 @@ def test_trainer_unknown_preset_field_is_a_value_error(tmp_path: Path) -> None:
         _trainer_args(tmp_path, SLNBTrainingArguments, slnb_preset="PAPER")
 
 
-@pytest.mark.usefixtures("_float32_one_thread")
+@pytest.mark.usefixtures("float32_one_thread")
 def test_trainer_override_warning_is_printed_once(tmp_path: Path) -> None:
     from transformers import Trainer
 
