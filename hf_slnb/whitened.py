@@ -1,0 +1,139 @@
+"""Candidate update directions built on a layer's input statistics (issue 13, research round 1).
+
+Pure functions on tensors, no state: the research optimizer of ``scripts/research_directions.py``
+(and, later, core v2's direction classes) own the state and call these. Conventions: a weight or
+gradient ``M`` is ``(d_out, d_in)`` (``y = M x``); ``C`` is the layer's ``(d_in, d_in)`` input
+second moment; ``L`` an output-side ``(d_out, d_out)`` factor.
+
+* :func:`whitened_orth`: ``orth(M C^{-1/2}) C^{-1/2}``, Muon on the network whose every layer
+  first whitens its inputs (SLNB's reparameterisation view), with optional per-row step sizes.
+* :func:`eigenbasis_adam`: Adam in the eigenbasis of ``C`` (one-sided SOAP / EKFAC with
+  activation statistics) and, given ``L``'s eigenbasis too, the two-sided form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Muon's quintic Newton-Schulz coefficients (Keller Jordan's ``zeropower_via_newtonschulz5``).
+NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def centred_second_moment(x_sum: torch.Tensor, xx_sum: torch.Tensor,
+                          count: float) -> torch.Tensor:
+    """``E[(x - μ)(x - μ)ᵀ]`` from the sums ``Σ x`` (d,), ``Σ x xᵀ`` (d, d) over ``count`` samples."""
+    mean = x_sum / count
+    return xx_sum / count - torch.outer(mean, mean)
+
+
+def damp(c: torch.Tensor, damping: float) -> torch.Tensor:
+    """``C + damping · (tr C / d) · I``: a ridge relative to the mean eigenvalue, so scale-free."""
+    if damping < 0:
+        raise ValueError(f"damping={damping!r}: must be >= 0.")
+    d = c.shape[-1]
+    ridge = damping * torch.diagonal(c, dim1=-2, dim2=-1).sum(-1) / d
+    return c + ridge[..., None, None] * torch.eye(d, dtype=c.dtype, device=c.device)
+
+
+def inverse_root_eigh(c: torch.Tensor, power: float = 0.5,
+                      eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``C^{-power}`` of a symmetric PSD ``C`` by eigendecomposition; also returns (λ, Q).
+
+    Eigenvalues are clamped at ``eps · max λ`` so a rank-deficient ``C`` stays finite.
+    """
+    eigvals, eigvecs = torch.linalg.eigh(c)
+    floor = eps * eigvals.amax(-1, keepdim=True).clamp_min(torch.finfo(c.dtype).tiny)
+    lam = torch.maximum(eigvals, floor)
+    root = (eigvecs * lam.pow(-power)[..., None, :]) @ eigvecs.transpose(-2, -1)
+    return root, eigvals, eigvecs
+
+
+def inverse_sqrt_newton_schulz(c: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """``C^{-1/2}`` of a symmetric positive definite ``C`` by the coupled Newton-Schulz iteration.
+
+    ``Y₀ = C / ‖C‖_F``, ``Z₀ = I``; ``T = (3I - Z Y) / 2``, ``Y ← Y T``, ``Z ← T Z``: ``Z`` tends
+    to ``(C / ‖C‖_F)^{-1/2}`` (all eigenvalues of ``Y₀`` lie in (0, 1], where it converges).
+    Convergence is slow for eigenvalues far below the largest: damp ``C`` first.
+    """
+    if iters < 1:
+        raise ValueError(f"iters={iters!r}: must be >= 1.")
+    norm = torch.linalg.matrix_norm(c, keepdim=True)
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device).expand_as(c)
+    y = c / norm
+    z = eye.clone()
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y = y @ t
+        z = t @ z
+    return z / norm.sqrt()
+
+
+def orthogonalize_ns5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz map: ``U p(S) Vᵀ`` for ``M / ‖M‖_F = U S Vᵀ`` (≈ ``U Vᵀ``).
+
+    ``p`` iterates ``s ← a s + b s³ + c s⁵`` ``steps`` times; runs in ``m``'s dtype (Muon's
+    bf16 is a speed choice for GPUs, not part of the map).
+    """
+    a, b, c = NS5_COEFFICIENTS
+    x = m / (torch.linalg.matrix_norm(m, keepdim=True) + eps)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the short side: X Xᵀ is the small Gram matrix
+        x = x.transpose(-2, -1)
+    for _ in range(steps):
+        gram = x @ x.transpose(-2, -1)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.transpose(-2, -1) if tall else x
+
+
+def row_normalize(u: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Give every row of ``u`` the same RMS, keeping ``‖u‖_F`` (per-row step sizes, NorMuon-like)."""
+    row_rms = u.pow(2).mean(-1, keepdim=True).sqrt()
+    total_rms = u.pow(2).mean((-2, -1), keepdim=True).sqrt()
+    return u * (total_rms / (row_rms + eps))
+
+
+def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
+                  per_row: bool = False) -> torch.Tensor:
+    """``orth(M C^{-1/2}) C^{-1/2}``, rescaled to ``‖orth(M C^{-1/2})‖_F`` (Muon's update size).
+
+    The rescaling makes ``lr`` mean what it means for Muon whatever the scale of the inputs;
+    with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
+    """
+    o = orthogonalize_ns5(m @ c_inv_sqrt, steps)
+    u = o @ c_inv_sqrt
+    u = u * (torch.linalg.matrix_norm(o, keepdim=True)
+             / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
+    return row_normalize(u) if per_row else u
+
+
+def rotate(g: torch.Tensor, q_in: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Q_outᵀ G Q_in`` (``Q_out = I`` when None): coordinates in the factors' eigenbases."""
+    g = g @ q_in
+    return g if q_out is None else q_out.transpose(-2, -1) @ g
+
+
+def unrotate(u: torch.Tensor, q_in: torch.Tensor,
+             q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`rotate`: ``Q_out U Q_inᵀ``."""
+    u = u @ q_in.transpose(-2, -1)
+    return u if q_out is None else q_out @ u
+
+
+def eigenbasis_adam(exp_avg: torch.Tensor, exp_avg_sq_rot: torch.Tensor, q_in: torch.Tensor,
+                    q_out: torch.Tensor | None = None, bias_correction1: float = 1.0,
+                    bias_correction2: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+    """Adam's direction in the eigenbasis of ``C`` (and of ``L`` when ``q_out`` is given).
+
+    ``Q_out [ (Q_outᵀ m Q_in / bc1) / (sqrt(v / bc2) + eps) ] Q_inᵀ`` with ``m`` the first moment
+    in the original coordinates and ``v`` the second moment of the *rotated* gradients
+    (:func:`rotated_sq_update`), as SOAP keeps them.
+    """
+    m_rot = rotate(exp_avg, q_in, q_out) / bias_correction1
+    return unrotate(m_rot / ((exp_avg_sq_rot / bias_correction2).sqrt() + eps), q_in, q_out)
+
+
+def rotated_sq_update(exp_avg_sq_rot: torch.Tensor, grad: torch.Tensor, q_in: torch.Tensor,
+                      q_out: torch.Tensor | None, beta2: float) -> torch.Tensor:
+    """In place: ``v ← β₂ v + (1 - β₂) (Q_outᵀ G Q_in)²``; returns ``v``."""
+    g_rot = rotate(grad, q_in, q_out)
+    return exp_avg_sq_rot.mul_(beta2).addcmul_(g_rot, g_rot, value=1.0 - beta2)

@@ -1,0 +1,96 @@
+"""Dense float64 checks of the candidate directions of ``hf_slnb.whitened`` (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_slnb import whitened as W
+
+D = torch.float64
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * d, d, generator=g, dtype=D) * torch.linspace(0.1, 3.0, d, dtype=D)
+    return x.T @ x / (4 * d) + 0.05 * torch.eye(d, dtype=D)
+
+
+def _dense_inv_sqrt(c: torch.Tensor) -> torch.Tensor:
+    # Independent: R with R R = C⁻¹, from solve and a symmetric square root by eigh of C⁻¹.
+    c_inv = torch.linalg.solve(c, torch.eye(c.shape[0], dtype=D))
+    lam, q = torch.linalg.eigh(c_inv)
+    return q @ torch.diag(lam.sqrt()) @ q.T
+
+
+def test_centred_second_moment_and_damping():
+    x = torch.randn(50, 6, dtype=D)
+    c = W.centred_second_moment(x.sum(0), x.T @ x, 50)
+    torch.testing.assert_close(c, torch.cov(x.T, correction=0))
+    damped = W.damp(c, 0.1)
+    torch.testing.assert_close(damped - c, 0.1 * torch.trace(c) / 6 * torch.eye(6, dtype=D))
+    with pytest.raises(ValueError, match="damping=-1"):
+        W.damp(c, -1)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
+def test_inverse_sqrt(method):
+    c = W.damp(_spd(8, 0), 0.1)
+    r = (W.inverse_root_eigh(c)[0] if method == "eigh"
+         else W.inverse_sqrt_newton_schulz(c, iters=40))
+    torch.testing.assert_close(r, _dense_inv_sqrt(c), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(r @ c @ r, torch.eye(8, dtype=D), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5)])
+def test_orthogonalize_ns5_is_polynomial_of_singular_values(shape):
+    m = torch.randn(*shape, dtype=D)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    s = s / torch.linalg.matrix_norm(m)
+    a, b, c = W.NS5_COEFFICIENTS
+    for _ in range(5):
+        s = a * s + b * s**3 + c * s**5
+    torch.testing.assert_close(W.orthogonalize_ns5(m, eps=0.0), u @ torch.diag(s) @ vh)
+    # Many steps drive the singular values into Muon's band around 1 (not exactly 1: quintic).
+    sv = torch.linalg.svdvals(W.orthogonalize_ns5(m, steps=30))
+    assert bool(((sv > 0.6) & (sv < 1.25)).all()), sv
+
+
+def test_whitened_orth_definition():
+    m = torch.randn(6, 8, dtype=D)
+    c = W.damp(_spd(8, 1), 0.1)
+    r = _dense_inv_sqrt(c)
+    # Definition with a near-exact orth (polar factor by SVD replaced by many NS steps is not
+    # exact, so compare against the NS map of the dense whitened gradient).
+    o = W.orthogonalize_ns5(m @ r)
+    u = o @ r
+    u = u * torch.linalg.matrix_norm(o) / torch.linalg.matrix_norm(u)
+    torch.testing.assert_close(W.whitened_orth(m, W.inverse_root_eigh(c)[0]), u)
+    # With C = I it is Muon's direction exactly.
+    torch.testing.assert_close(W.whitened_orth(m, torch.eye(8, dtype=D)), W.orthogonalize_ns5(m))
+    rows = W.whitened_orth(m, r, per_row=True)
+    rms = rows.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, u.pow(2).mean().sqrt().item()))
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_eigenbasis_adam_definition(two_sided):
+    g1, g2, m = (torch.randn(4, 6, dtype=D) for _ in range(3))
+    c = _spd(6, 2)
+    q_in = torch.linalg.eigh(c)[1]
+    q_out = torch.linalg.eigh(_spd(4, 3))[1] if two_sided else None
+    qo = q_out if two_sided else torch.eye(4, dtype=D)
+    v = torch.zeros(4, 6, dtype=D)
+    W.rotated_sq_update(v, g1, q_in, q_out, 0.9)
+    W.rotated_sq_update(v, g2, q_in, q_out, 0.9)
+    # Dense: explicit rotations, elementwise Adam, explicit inverse rotations.
+    r1, r2 = qo.T @ g1 @ q_in, qo.T @ g2 @ q_in
+    v_ref = 0.9 * 0.1 * r1**2 + 0.1 * r2**2
+    torch.testing.assert_close(v, v_ref)
+    bc1, bc2 = 1 - 0.9**2, 1 - 0.9**2
+    want = qo @ (((qo.T @ m @ q_in) / bc1) / ((v_ref / bc2).sqrt() + 1e-8)) @ q_in.T
+    got = W.eigenbasis_adam(m, v, q_in, q_out, bc1, bc2)
+    torch.testing.assert_close(got, want)
+    # With C diagonal (Q = I up to order) and one side, it is plain Adam.
+    eye = torch.eye(6, dtype=D)
+    torch.testing.assert_close(W.eigenbasis_adam(m, v_ref, eye), m / (v_ref.sqrt() + 1e-8))
