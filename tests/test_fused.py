@@ -7,12 +7,11 @@ line), against dense linear algebra where one exists, and counted: no host sync.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 from hf_slnb import fused
@@ -20,14 +19,19 @@ from hf_slnb.functional import bias_corrected, conjugate_gradient, preconditione
 from hf_slnb.layers import Conv1DNeuron, ConvNeuron, EmbeddingNeuron, LinearNeuron
 
 F64 = torch.float64
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_step.py"
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("benchmark_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_script("benchmark_step")
+
+
+@pytest.fixture(autouse=True)
+def _default_float32():
+    """Other modules set float64 as the default dtype; these tests name their dtypes."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(dtype)
 
 
 def _syncs(fn: Any, *args: Any) -> dict[str, int]:
@@ -392,14 +396,11 @@ def test_composed_default_step_equals_slnb_and_skips_a_nonfinite_step_as_a_mask(
     sync, as today's skip does (which then does not count the step either)."""
     pytest.importorskip("transformers")
     import copy
-    import importlib.util as iu
     import warnings
 
     from hf_slnb import SLNB
 
-    spec = iu.spec_from_file_location("count_fused_ops", SCRIPT.parent / "count_fused_ops.py")
-    mod = iu.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod = load_script("count_fused_ops")
     model = _bench().build_count_model("gpt2-2l", 8, 32).double().train()
     twin = copy.deepcopy(model)
     opt = SLNB(model.parameters(), model=model, lr=3e-3, weight_decay=1e-4)
@@ -440,13 +441,10 @@ def test_composed_paper_step_with_masked_pcg_equals_slnb_without_a_sync() -> Non
     radius) equals today's ``SLNB``, whose PCG exits early on the CPU."""
     transformers = pytest.importorskip("transformers")
     import copy
-    import importlib.util as iu
 
     from hf_slnb import SLNB
 
-    spec = iu.spec_from_file_location("count_fused_ops", SCRIPT.parent / "count_fused_ops.py")
-    mod = iu.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod = load_script("count_fused_ops")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
