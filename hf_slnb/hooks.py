@@ -137,8 +137,12 @@ class CaptureHook:
         opt, neuron = live
         task = _graph_task()
         cap = neuron.capture
-        if (cap is not None and cap.task != task and neuron.weight.grad is None
-                and not _is_dtensor(neuron.weight)):
+        # The module's weight, not the neuron's: Accelerate swaps in FSDP2's sharded parameters
+        # after the optimizer is built, and the neuron follows them only at its next step.
+        weight = getattr(neuron.module, "weight", None)
+        weight = weight if isinstance(weight, Tensor) else neuron.weight
+        if (cap is not None and cap.task != task and weight.grad is None
+                and not _is_dtensor(weight)):
             # The gradients were set to None since this capture was made (model.zero_grad()
             # after a step that GradScaler skipped, or a discarded batch): start afresh.
             neuron.capture = None
