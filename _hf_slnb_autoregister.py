@@ -4,7 +4,7 @@ Installing ``hf_slnb`` puts ``hf_slnb-autoregister.pth`` into site-packages; Pyt
 module runs its single line, which calls :func:`install`. That only appends a tiny import hook to
 ``sys.meta_path`` (standard library only, no torch, no transformers): nothing else happens until
 a program imports one of the transformers modules below, and each is patched by
-``hf_slnb.integration`` right after it has loaded:
+``hf_slnb.integration`` (the glue is in ``hf_slnb.hf``) right after it has loaded:
 
 * ``transformers.training_args``: ``"slnb"`` becomes an ``OptimizerNames`` member, so
   ``--optim slnb`` parses, ``TrainingArguments(optim="slnb")`` validates and a checkpoint's
@@ -45,9 +45,10 @@ def enabled() -> bool:
 def _patch(module: Any) -> None:
     """Hand a freshly loaded transformers module to ``hf_slnb.integration``; never raise."""
     try:
-        loading = sys.modules.get("hf_slnb.integration")
-        if loading is not None and not hasattr(loading, "patch_module"):
-            return  # hf_slnb.integration itself is importing transformers; it registers on load
+        for name in ("hf_slnb.hf", "hf_slnb.integration"):
+            loading = sys.modules.get(name)
+            if loading is not None and not hasattr(loading, "patch_module"):
+                return  # hf_slnb's glue itself is importing transformers; it registers on load
         from hf_slnb import integration
 
         integration.patch_module(module)

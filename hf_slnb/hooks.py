@@ -37,6 +37,17 @@ INPUT = "input"
 HIDDEN = "hidden"
 
 
+def _is_compiling() -> bool:
+    """Whether Dynamo is tracing this call (``torch.compile``)."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+def opt_diagonal(opt: Any) -> bool:
+    return bool(opt.config.diagonal_only)
+
+
 def _graph_task() -> int:
     """An id of the running backward pass (``-1`` outside one, or if torch cannot tell)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
@@ -103,8 +114,15 @@ class CaptureHook:
         neuron = live[1]
         kwargs = rest[0] if len(rest) == 2 else {}
         output = rest[-1] if rest else None
+        compiling = _is_compiling()
         if self.source == HIDDEN:
-            self._capture_hidden(neuron, output)
+            if not compiling:  # under torch.compile a functional head is not fed (documented)
+                self._capture_hidden(neuron, output)
+            return
+        if compiling and opt_diagonal(live[0]):
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            if isinstance(x, Tensor) and isinstance(output, Tensor) and output.requires_grad:
+                neuron.capture_compiled(x, output)
             return
         pending_head = neuron.pending_head() if neuron.pending_head is not None else None
         if pending_head is not None:  # the head ran as a module: its own input counts
@@ -115,7 +133,8 @@ class CaptureHook:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if not isinstance(x, Tensor):
             return
-        output.register_hook(_Pending(self, x.detach(), out_positions(output, neuron)))
+        output.register_hook(_Pending(self, x, out_positions(output, neuron)))  # no detach op: the
+        # backward hook runs without grad mode and the slot is emptied when it fires
 
     def _capture_hidden(self, neuron: Neuron, output: Any) -> None:
         # Only a named last_hidden_state (what TRL's fused head reads): a wrapper's tuple or
@@ -145,7 +164,7 @@ class CaptureHook:
                 and not _is_dtensor(weight)):
             # The gradients were set to None since this capture was made (model.zero_grad()
             # after a step that GradScaler skipped, or a discarded batch): start afresh.
-            neuron.capture = None
+            neuron.drop_capture()
         neuron.record(x, n_out, opt.diagonal_only, opt._world_size() > 1)
         if neuron.capture is not None:
             neuron.capture.task = task

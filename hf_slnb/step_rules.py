@@ -1,46 +1,204 @@
-"""Step rules: how SLNB scales its update direction, registered by ``trust_region`` name.
+"""Step rules: how SLNB scales its directions, registered by ``trust_region`` name.
 
-Each rule knows the state keys it owns and whether ``lr`` is a trust-region radius, so that
-callers (the HF glue, the scripts) ask the rule instead of comparing strings. The maths still
-lives in :class:`hf_slnb.SLNB` (``_tensor_scales``, ``_graft``); moving it here is the next step.
+Each rule is one class that knows the state it keeps (per element, per tensor), whether ``lr``
+is a trust-region radius and its default lr, and turns the directions ``h`` (with the
+bias-corrected momenta ``g``) into updates ``u``: the step is ``p <- p (1 - lr wd) - lr u``.
+Everything works on slabs (stacks of equal-shape parameters) with device masks; reductions over
+sharded (FSDP2) slabs are summed over the shards in one collective.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .functional import bias_correction, graft_ratio, per_layer, row_norms
+
+if TYPE_CHECKING:
+    from .step import StepContext
 
 
-@dataclass(frozen=True)
 class StepRule:
-    """One step rule: its option name, the per-parameter state keys it owns, what ``lr`` means."""
+    """Base class.
 
-    name: str
-    state_keys: tuple[str, ...]
-    lr_is_radius: bool
-    per_row: bool = False
+    Attributes:
+        name: The ``trust_region`` value that selects it.
+        element_keys: Per-element state it keeps (flat arena buffers).
+        tensor_keys: Per-tensor state it keeps (one number per parameter).
+        lr_is_radius: ``lr`` is the metric length of the whole update (else an Adam-like step).
+        per_row: Grafting per output row of each layer's weight.
+    """
+
+    name = ""
+    element_keys: tuple[str, ...] = ()
+    tensor_keys: tuple[str, ...] = ()
+    lr_is_radius = False
+    per_row = False
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return self.element_keys + self.tensor_keys
+
+    def before(self, ctx: StepContext) -> None:
+        """Arena-wide state updates from the (sanitised) gradients, before the directions."""
+
+    def updates(self, ctx: StepContext) -> None:
+        """Write ``u`` of every slab into ``ctx.arena.update``."""
+        raise NotImplementedError
 
 
-#: The rules by their user-facing ``trust_region`` name (the one place mapping names to rules).
-STEP_RULES: dict[str, StepRule] = {}
+def _inners(ctx: StepContext) -> dict[int, Tensor]:
+    """``<h, g>`` per parameter, per slab ``(L,)``, summed over shards where sharded."""
+    out = {id(s): torch.linalg.vecdot(ctx.h[id(s)].flatten(1), ctx.g[id(s)].flatten(1))
+           for s in ctx.slabs}
+    ctx.reduce_sharded({k: v for k, v in out.items() if ctx.sharded(k)})
+    return out
 
 
-def register_step_rule(rule: StepRule) -> StepRule:
-    """Register ``rule`` under its name; ``ValueError`` if the name is taken."""
-    if rule.name in STEP_RULES:
-        raise ValueError(f"Invalid step rule name {rule.name!r}: already registered.")
-    STEP_RULES[rule.name] = rule
-    return rule
+def metric_norm(ctx: StepContext, min_norm: float) -> Tensor:
+    """``n = sqrt(max(min_norm^2, sum_p <h, g>))`` over the parameters stepped now (also the
+    ``slnb/step_norm`` diagnostic of every rule)."""
+    parts = []
+    if ctx.shard_group is None and all(a.live_params.dim() == 0 for a in ctx.arenas):
+        # Every parameter stepped (the usual case): the banks' <h, g> plus one dot over the
+        # rest of each arena's momenta (the identity metric: <g, g>).
+        for arena in ctx.arenas:
+            parts += [(ctx.h[id(s)] * ctx.g[id(s)]).sum() for s in _bank_slabs(ctx)
+                      if s.arena is arena]
+            tail = arena.identity_tail()
+            if tail is not None:
+                parts.append(torch.dot(tail, tail))
+    else:
+        inners = _inners(ctx)
+        for arena in ctx.arenas:
+            q = torch.cat([inners[id(s)] for s in arena.slabs])
+            parts.append(torch.where(arena.live_params, q, 0.0).sum())
+    total = ctx.global_sum(parts)
+    n = torch.sqrt(torch.clamp(total, min=min_norm ** 2))
+    ctx.diagnostics["slnb/step_norm"] = n
+    return n
 
 
-GLOBAL_RADIUS = register_step_rule(StepRule("global", (), lr_is_radius=True))
-TENSOR_RMS = register_step_rule(StepRule("tensor", ("metric_sq",), lr_is_radius=False))
-ADAM_GRAFT = register_step_rule(StepRule("graft", ("exp_avg_sq",), lr_is_radius=False))
-ADAM_GRAFT_ROW = register_step_rule(
-    StepRule("graft_row", ("exp_avg_sq",), lr_is_radius=False, per_row=True))
+def _bank_slabs(ctx: StepContext) -> list[Any]:
+    return [s for s in ctx.slabs if id(s) in ctx.preconditioned]
 
 
-def step_rule(name: str) -> StepRule:
+class GlobalRadius(StepRule):
+    """The paper's: one unit step under the metric for the whole model (``lr`` its radius)."""
+
+    name = "global"
+    lr_is_radius = True
+
+    def updates(self, ctx: StepContext) -> None:
+        inv = torch.reciprocal(metric_norm(ctx, self.config.min_norm))
+        for arena in ctx.arenas:  # the identity metric everywhere, then the banks' directions
+            torch.mul(arena.grad, inv.to(arena.device, arena.dtype), out=arena.update)
+        for s in _bank_slabs(ctx):
+            torch.mul(ctx.h[id(s)], inv.to(s.arena.device, s.arena.dtype),
+                      out=s.stack(s.arena.update))
+
+
+class TensorRMS(StepRule):
+    """Each tensor divided by ``sqrt(EMA(<h, g> / numel)) + eps`` (Adam-mini style)."""
+
+    name = "tensor"
+    tensor_keys = ("metric_sq",)
+
+    def updates(self, ctx: StepContext) -> None:
+        inners = _inners(ctx)
+        d = self.config.norm_decay
+        for s in ctx.slabs:
+            arena = s.arena
+            ms = s.rows(arena.per_tensor["metric_sq"], persistent=True)
+            q = torch.clamp(inners[id(s)] / float(s.numel_global), min=0.0).to(ms.dtype)
+            torch.where(ctx.mask_rows(s, None), torch.lerp(ms, q, 1.0 - d), ms, out=ms)
+            bc = bias_correction(d, s.rows(arena.steps, persistent=True)).to(ms.dtype)
+            scale = torch.reciprocal(torch.sqrt(ms / bc).add_(self.config.eps))
+            torch.mul(ctx.h[id(s)], per_layer(scale, ctx.h[id(s)]), out=s.stack(arena.update))
+
+
+class AdamGraft(StepRule):
+    """Adam grafting: each tensor's (or each output row's) step has Adam's norm, SLNB's direction.
+
+    Parameters with the identity metric take Adam's step itself. ``norm_decay`` is Adam's
+    ``beta2``, the momentum its ``beta1``.
+    """
+
+    name = "graft"
+    element_keys = ("exp_avg_sq",)
+
+    def before(self, ctx: StepContext) -> None:
+        for arena in ctx.arenas:  # the update buffer is free scratch until the step rule
+            v, sq = arena.buffers["exp_avg_sq"], arena.update
+            torch.mul(arena.grad, arena.grad, out=sq)
+            torch.where(arena.live_elements, sq, v, out=sq)  # skipped or gradient-free: v stays
+            v.lerp_(sq, 1.0 - self.config.norm_decay)
+
+    def updates(self, ctx: StepContext) -> None:
+        d, eps = self.config.norm_decay, self.config.eps
+        for arena in ctx.arenas:  # Adam's direction everywhere, into the update buffer
+            u, v = arena.update, arena.buffers["exp_avg_sq"]
+            if arena.uniform:
+                torch.div(v, bias_correction(d, arena.step0).to(arena.dtype), out=u)
+            else:
+                bc = bias_correction(d, arena.steps)
+                for s, rows in zip(arena.slabs, ctx.split(arena, bc)):
+                    torch.div(s.stack(v), per_layer(rows, s.stack(v)), out=s.stack(u))
+            u.sqrt_().add_(eps)
+            torch.div(arena.grad, u, out=u)
+        pending = []
+        for s in _bank_slabs(ctx):  # the banks: SLNB's direction at Adam's length
+            dims = ctx.row_dims(s) if self.per_row else tuple(range(len(s.shape)))
+            adam, h = s.stack(s.arena.update), ctx.h[id(s)]
+            pending.append((s, row_norms(adam, dims), row_norms(h, dims), dims))
+        sharded = {i: torch.stack([a2, h2]).square_() for i, (s, a2, h2, dims) in
+                   enumerate(pending) if ctx.sharded(id(s)) and 0 in dims}
+        ctx.reduce_sharded(sharded)  # squared norms sum over the shards
+        for i, (s, a2, h2, _) in enumerate(pending):
+            if i in sharded:
+                a2, h2 = sharded[i].sqrt_().unbind()
+            h, out = ctx.h[id(s)], s.stack(s.arena.update)
+            if ctx.all_captured(s):
+                torch.mul(h, graft_ratio(a2, h2), out=out)
+            else:
+                u = h * graft_ratio(a2, h2)
+                torch.where(per_layer(ctx.preconditioned[id(s)], u), u, out, out=out)
+
+
+class AdamGraftRow(AdamGraft):
+    """Adam grafting per output row of each layer's weight (per tensor elsewhere)."""
+
+    name = "graft_row"
+    per_row = True
+
+
+#: The rules by their user-facing ``trust_region`` name.
+STEP_RULES: dict[str, type[StepRule]] = {}
+
+
+def register_step_rule(cls: type[StepRule]) -> type[StepRule]:
+    """Register a rule class under its ``name`` (``ValueError`` if taken)."""
+    if cls.name in STEP_RULES:
+        raise ValueError(f"Invalid step rule name {cls.name!r}: already registered.")
+    STEP_RULES[cls.name] = cls
+    return cls
+
+
+for _cls in (GlobalRadius, TensorRMS, AdamGraft, AdamGraftRow):
+    register_step_rule(_cls)
+
+
+def step_rule(name: str) -> type[StepRule]:
     """The registered rule called ``name``, or ``ValueError`` listing the allowed names."""
     if name not in STEP_RULES:
         raise ValueError(f"Invalid trust_region={name!r}: must be one of {tuple(STEP_RULES)}.")
     return STEP_RULES[name]
+
+
+__all__ = ["STEP_RULES", "AdamGraft", "AdamGraftRow", "GlobalRadius", "StepRule", "TensorRMS",
+           "register_step_rule", "step_rule"]

@@ -39,7 +39,7 @@ from transformers.training_args import OptimizerNames
 import hf_slnb
 from hf_slnb import SLNB, integration
 from hf_slnb.integration import SLNBTrainingArguments, parse_optim_args
-from hf_slnb.optimizer import PRESETS
+from hf_slnb.config import OPTIONS, PRESETS
 
 hf_slnb.register()  # in-process tests do not rely on the .pth hook being installed
 
@@ -135,11 +135,12 @@ def test_cli_accepts_optim_slnb_and_optim_args(tmp_path: Path) -> None:
 
 
 def test_every_slnb_hyperparameter_has_a_field() -> None:
-    trainer_level = {"params", "model", "lr", "weight_decay", "process_group"}
-    options = set(inspect.signature(SLNB).parameters) - trainer_level
+    trainer_level = {"lr", "weight_decay"}  # --learning_rate and --weight_decay
+    options = {o.name for o in OPTIONS} - trainer_level
     fields = {f.name[5:] for f in dataclasses.fields(SLNBTrainingArguments)
               if f.name.startswith("slnb_")}
     assert fields == options
+    assert set(integration._option_types()) == options  # the --optim_args keys
 
 
 def test_slnb_training_arguments_help_and_defaults(tmp_path: Path) -> None:
@@ -147,19 +148,31 @@ def test_slnb_training_arguments_help_and_defaults(tmp_path: Path) -> None:
     assert "slnb" in text.split("--optim ", 1)[1][:2000]
     for f in dataclasses.fields(SLNBTrainingArguments):
         if f.name.startswith("slnb_"):
-            entry = text.split(f"\n  --{f.name} ", 1)[1].split("\n  --", 1)[0]
-            assert "SLNB: " in entry and "(default: " in " ".join(entry.split()), f.name
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            expected = inspect.signature(SLNB).parameters[f.name[5:]].default
-            assert default == (list(expected) if isinstance(expected, tuple) else expected), f.name
+            entry = " ".join(text.split(f"\n  --{f.name} ", 1)[1].split("\n  --", 1)[0].split())
+            assert "SLNB: " in entry and "(default: " in entry, f.name
+            if f.name == "slnb_preset":
+                assert f.default == "graft" and "(default: graft)" in entry
+                continue
+            # None: the preset's value, which --help shows for every preset (what runs).
+            assert f.default is None, f.name
+            assert "(default: None)" not in entry, f.name
+            name = f.name[5:]
+            shown = ", ".join(f"{p} {getattr(c, name) if name != 'skip_modules' else 'none'}"
+                              for p, c in PRESETS.items())
+            assert f"(default: the preset's: {shown})" in entry, (f.name, entry)
+    (args,) = HfArgumentParser(SLNBTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path)])
+    assert integration.slnb_optimizer_kwargs(args) == {"preset": "graft"}  # nothing else given
     (args,) = HfArgumentParser(SLNBTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--slnb_cg_iters", "5", "--slnb_skip_modules", "lm_head",
-         "wte", "--slnb_precondition_embeddings", "false", "--slnb_metric_backend", "explicit"]
+         "wte", "--slnb_precondition_embeddings", "false", "--slnb_metric_backend", "explicit",
+         "--slnb_diagonal_only", "false"]
     )
     assert args.optim is OptimizerNames.SLNB  # the default of SLNBTrainingArguments
     kwargs = integration.slnb_optimizer_kwargs(args)
     assert kwargs["cg_iters"] == 5 and kwargs["skip_modules"] == ("lm_head", "wte")
     assert kwargs["precondition_embeddings"] is False and kwargs["metric_backend"] == "explicit"
+    assert kwargs["diagonal_only"] is False and "ridge" not in kwargs  # unset: the preset's
 
 
 def test_optim_args_win_over_fields_with_a_warning(tmp_path: Path) -> None:
@@ -274,7 +287,7 @@ def test_default_learning_rate_becomes_slnb_default(tmp_path: Path, caplog) -> N
     assert args_for(tmp_path).learning_rate == 5e-5
     assert args_for(tmp_path, optim_args="trust_region=tensor").learning_rate == 5e-5
     # The paper's preset: lr is a trust-region radius, so the Adam default is replaced.
-    paper_lr = PRESETS["paper"]["lr"]
+    paper_lr = PRESETS["paper"].lr
     with caplog.at_level(logging.WARNING, logger="hf_slnb.integration"):
         assert args_for(tmp_path, optim_args="preset=paper").learning_rate == paper_lr
     assert "--learning_rate was not given" in caplog.text
@@ -416,7 +429,9 @@ def test_bf16_cpu_autocast(tmp_path: Path) -> None:
     optimizer = slnb_of(trainer)
     for state in optimizer.state.values():
         for key, value in state.items():
-            if torch.is_tensor(value) and value.is_floating_point():
+            if key in ("step", "stat_step"):  # counters: float64, exact bias corrections
+                assert value.dtype == torch.float64, key
+            elif torch.is_tensor(value) and value.is_floating_point():
                 assert value.dtype == torch.float32 and torch.isfinite(value).all(), key
     fp32 = _train_weights(tmp_path / "fp32", max_steps=2)
     delta = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])

@@ -174,8 +174,8 @@ def test_presets_decide_whether_embeddings_are_preconditioned() -> None:
     kinds = {name: {n.kind for n in SLNB(m.parameters(), model=m, preset=name).neurons}
              for name in PRESETS}
     for name, settings in PRESETS.items():
-        assert ("embedding" in kinds[name]) == settings["precondition_embeddings"], name
+        assert ("embedding" in kinds[name]) == settings.precondition_embeddings, name
     # ALGORITHM.md makes every embedding a neuron: the paper preset must keep it.
-    assert PRESETS["paper"]["precondition_embeddings"] is True
+    assert PRESETS["paper"].precondition_embeddings is True
     off = SLNB(m.parameters(), model=m, preset="paper", precondition_embeddings=False)
     assert {n.kind for n in off.neurons} == {"linear"}

@@ -1,0 +1,323 @@
+"""SLNB's options: one table that validates them, fills presets, and generates docs and HF flags.
+
+Every option is an :class:`Option` (name, type, allowed values, help text, whether a parameter
+group may override it, whether it gives the optimizer state its meaning, and when it has an
+effect). :class:`SLNBConfig` is the dataclass of all of them; a preset is an instance of it
+(:data:`PRESETS`). The constructor's docstring table, the Trainer's ``--slnb_*`` fields, the
+``--optim_args`` keys and types and ``--help`` are generated from :data:`OPTIONS`, so they cannot
+drift apart. Nothing here imports anything but the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+#: Allowed values of the string options.
+BACKENDS = ("auto", "explicit", "matrix_free")
+RIDGE_MODES = ("absolute", "relative")
+#: Step rules by their ``trust_region`` name (the classes are in :mod:`hf_slnb.step_rules`).
+TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
+
+
+def _real(name: str, value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}={value!r}{where}: must be a real number.")  # noqa: TRY004
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name}={value!r}{where}: must be finite.")
+    return float(value)
+
+
+def _unit(name: str, value: Any, where: str) -> None:
+    v = _real(name, value, where)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"Invalid {name}={v!r}{where}: must be in [0.0, 1.0).")
+
+
+def _nonneg(name: str, value: Any, where: str) -> None:
+    if _real(name, value, where) < 0.0:
+        raise ValueError(f"Invalid {name}={value!r}{where}: must be >= 0.")
+
+
+def _finite(low: str) -> Callable[[str, Any, str], None]:
+    def check(name: str, value: Any, where: str) -> None:
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+              and math.isfinite(value) and (value > 0 if low == ">" else value >= 0))
+        if not ok:
+            raise ValueError(f"Invalid {name}={value!r}{where}: must be a finite number {low} 0.")
+    return check
+
+
+def _count(name: str, value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Invalid {name}={value!r}{where}: must be an integer >= 0.")
+
+
+def _flag(name: str, value: Any, where: str) -> None:
+    if not isinstance(value, bool):  # bool("false") is True
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError here, whatever its type
+            f"Invalid {name}={value!r}{where}: must be True or False (or None for the preset's "
+            "value).")
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str, Any, str], None]:
+    def check(name: str, value: Any, where: str) -> None:
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"Invalid {name}={value!r}{where}: must be one of {allowed}.")
+    return check
+
+
+def compile_patterns(skip_modules: Any) -> list[re.Pattern[str]]:
+    """``skip_modules`` as compiled patterns, or ``ValueError`` naming the bad entry."""
+    if isinstance(skip_modules, (str, re.Pattern)):
+        skip_modules = (skip_modules,)
+    if not isinstance(skip_modules, Iterable):
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError here, whatever its type
+            f"Invalid skip_modules={skip_modules!r}: must be a sequence of regular expressions "
+            "(strings), e.g. ('lm_head',); () for none.")
+    out = []
+    for pattern in skip_modules:
+        if not isinstance(pattern, (str, re.Pattern)) or not isinstance(
+                getattr(pattern, "pattern", pattern), str):
+            raise ValueError(  # noqa: TRY004 - as above
+                f"Invalid skip_modules entry {pattern!r}: must be a regular expression (a string).")
+        try:
+            out.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(
+                f"Invalid skip_modules entry {pattern!r}: must be a regular expression ({err})."
+            ) from None
+    return out
+
+
+def _patterns(name: str, value: Any, where: str) -> None:
+    compile_patterns(value)
+
+
+def _pcg(c: SLNBConfig) -> bool:
+    return not c.diagonal_only
+
+
+def _graft_or_tensor(c: SLNBConfig) -> bool:
+    return c.trust_region != "global"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One SLNB option.
+
+    Attributes:
+        name: The keyword (``--slnb_<name>`` in the Trainer, ``<name>`` in ``--optim_args``).
+        kind: Its Python type: ``float``, ``int``, ``bool``, ``str`` or ``list`` (of regexes).
+        help: Meaning, range and what it changes (the docs and ``--help`` print it).
+        check: ``check(name, value, where)`` raises ``ValueError`` naming the value.
+        choices: The allowed strings, for ``str`` options.
+        per_group: A parameter group may override it (as ``lr`` in ``torch.optim``).
+        state: It gives the optimizer state its meaning: a checkpoint loads only into an
+            optimizer with the same value.
+        acts: ``acts(config)``: whether it changes anything under a resolved configuration
+            (an option given explicitly that does not act is warned about).
+        why_not: What makes it inactive, for that warning.
+    """
+
+    name: str
+    kind: type
+    help: str
+    check: Callable[[str, Any, str], None]
+    choices: tuple[str, ...] | None = None
+    per_group: bool = False
+    state: bool = False
+    acts: Callable[[SLNBConfig], bool] | None = None
+    why_not: str = ""
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("preset", str, "'graft' (default: SLNB's diagonal direction with Adam's step size per "
+           "output row) or 'paper' (the published algorithm, ALGORITHM.md, exactly). Sets every "
+           "option below that is not given.", _choice(("paper", "graft")), ("paper", "graft"),
+           state=True),
+    Option("lr", float, "with trust_region='global' the trust-region radius (the metric length "
+           "of each update, 0.05-1 is reasonable); otherwise an Adam-like step. >= 0.", _nonneg,
+           per_group=True),
+    Option("momentum", float, "decay beta_g of the gradient's moving average, in [0, 1).", _unit,
+           per_group=True),
+    Option("mean_decay", float, "decay of the moving average of each layer's input-feature "
+           "means, in [0, 1).", _unit, per_group=True),
+    Option("sq_mean_decay", float, "decay of the moving average of the input features' mean "
+           "squares, in [0, 1).", _unit, per_group=True),
+    Option("shrinkage", float, "share s of the mean variance mixed into each feature's variance "
+           "in the diagonal preconditioner, in [0, 1).", _unit, per_group=True),
+    Option("weight_decay", float, "decoupled weight decay lambda, >= 0.", _nonneg, per_group=True),
+    Option("diagonal_only", bool, "use the diagonal preconditioner alone, h = P g (no conjugate "
+           "gradient: about the cost of AdamW); False solves the metric by PCG.", _flag,
+           state=True),
+    Option("precondition_embeddings", bool, "give nn.Embedding its exact metric (token "
+           "frequencies); otherwise embeddings use the identity metric.", _flag, state=True),
+    Option("skip_modules", list, "regular expressions (re.search on the qualified module name, "
+           "e.g. 'lm_head'); matching layers use the identity metric.", _patterns, state=True),
+    Option("trust_region", str, "the step rule: 'global' (the paper: one unit step under the "
+           "metric for the whole model; lr is its radius), 'tensor' (each tensor divided by its "
+           "metric RMS, as in Adam-mini), 'graft' (each tensor's step has Adam's norm and SLNB's "
+           "direction) or 'graft_row' (Adam's norm per output row of each layer); with 'tensor', "
+           "'graft' and 'graft_row' lr is an Adam-like per-element step.",
+           _choice(TRUST_REGIONS), TRUST_REGIONS, state=True),
+    Option("norm_decay", float, "decay of the per-tensor metric RMS ('tensor') or of Adam's "
+           "squared gradients ('graft', 'graft_row'), in [0, 1).", _unit, state=True,
+           acts=_graft_or_tensor, why_not="trust_region='global' keeps no such average"),
+    Option("eps", float, "added to the per-tensor RMS ('tensor') or to Adam's denominator "
+           "('graft', 'graft_row'), > 0.", _finite(">"), acts=_graft_or_tensor,
+           why_not="trust_region='global' has no such denominator"),
+    Option("min_norm", float, "floor of the step's metric norm n with trust_region='global' "
+           "(the update is lr * h / max(n, min_norm)), > 0.", _finite(">"),
+           acts=lambda c: c.trust_region == "global",
+           why_not="only trust_region='global' divides by the metric norm"),
+    Option("ridge", float, "ridge gamma added to the metric on weights (never biases) in the "
+           "conjugate-gradient solve; larger is closer to momentum SGD. >= 0.", _nonneg,
+           per_group=True, acts=_pcg, why_not="diagonal_only=True solves nothing"),
+    Option("ridge_mode", str, "'absolute' (the paper: gamma = ridge) or 'relative' (gamma = "
+           "ridge * the layer's mean feature second moment, invariant to a rescaling of its "
+           "inputs).", _choice(RIDGE_MODES), RIDGE_MODES, state=True, acts=_pcg,
+           why_not="diagonal_only=True solves nothing"),
+    Option("cg_iters", int, "conjugate-gradient iterations per layer and step, integer >= 0 "
+           "(0 keeps the previous step's solution).", _count, per_group=True, acts=_pcg,
+           why_not="diagonal_only=True runs no conjugate gradient"),
+    Option("cg_tol", float, "conjugate gradient stops early once |residual| <= cg_tol * "
+           "|gradient|, >= 0.", _finite(">="), acts=_pcg,
+           why_not="diagonal_only=True runs no conjugate gradient"),
+    Option("metric_backend", str, "how the metric is applied in the solve: 'explicit' "
+           "(accumulate x x^T), 'matrix_free' (keep the inputs) or 'auto' (the cheaper per "
+           "layer); all exact.", _choice(BACKENDS), BACKENDS, acts=_pcg,
+           why_not="diagonal_only=True never applies the metric"),
+)
+OPTION = {o.name: o for o in OPTIONS}
+#: Options a parameter group may override (the rest are the optimizer's).
+GROUP_KEYS = tuple(o.name for o in OPTIONS if o.per_group)
+#: Options that give the state its meaning: a checkpoint loads only with equal values.
+STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
+                 "precondition_embeddings", "skip_modules", "norm_decay")
+assert set(STATE_OPTIONS) == {o.name for o in OPTIONS if o.state}
+#: Options recorded in a checkpoint that may change on resume (the loader's own are used).
+FREE_OPTIONS = tuple(o.name for o in OPTIONS if not o.state and not o.per_group)
+
+
+@dataclass(frozen=True)
+class SLNBConfig:
+    """Every SLNB option (see :data:`OPTIONS` for meaning and range); presets are instances."""
+
+    preset: str = "graft"
+    lr: float = 3e-3
+    momentum: float = 0.9
+    mean_decay: float = 0.9
+    sq_mean_decay: float = 0.999
+    shrinkage: float = 0.1
+    weight_decay: float = 1e-4
+    diagonal_only: bool = True
+    precondition_embeddings: bool = True
+    skip_modules: tuple[str, ...] = ()
+    trust_region: str = "graft_row"
+    norm_decay: float = 0.999
+    eps: float = 1e-8
+    min_norm: float = 1e-2
+    ridge: float = 1.0
+    ridge_mode: str = "relative"
+    cg_iters: int = 2
+    cg_tol: float = 1e-5
+    metric_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for option in OPTIONS:
+            option.check(option.name, getattr(self, option.name), "")
+        patterns = tuple(p.pattern for p in compile_patterns(self.skip_modules))
+        object.__setattr__(self, "skip_modules", patterns)
+
+    def inactive(self) -> dict[str, str]:
+        """Options that change nothing under this configuration, with the reason."""
+        return {o.name: o.why_not for o in OPTIONS if o.acts is not None and not o.acts(self)}
+
+    def record(self) -> dict[str, Any]:
+        """The optimizer-level options as plain Python values (what a checkpoint records)."""
+        return {k: list(v) if k == "skip_modules" else v for k, v in
+                ((k, getattr(self, k)) for k in (*STATE_OPTIONS, *FREE_OPTIONS))}
+
+
+#: The presets. ``paper`` is ALGORITHM.md exactly; ``graft`` (the default) was chosen by the
+#: ablations in BENCHMARKS.md: SLNB's diagonal incomplete-Cholesky direction with Adam's step
+#: size per output row (its ridge settings apply when ``diagonal_only=False`` is asked for).
+PRESETS: dict[str, SLNBConfig] = {
+    "graft": SLNBConfig(),
+    "paper": SLNBConfig(preset="paper", lr=0.1, diagonal_only=False, trust_region="global",
+                        ridge=0.1, ridge_mode="absolute"),
+}
+
+
+def resolve(preset: Any = "graft", **given: Any) -> tuple[SLNBConfig, list[str]]:
+    """The configuration for ``preset`` with every option in ``given`` that is not ``None``.
+
+    Returns:
+        The validated configuration and the names given explicitly that have no effect under
+        it (for the caller's warning).
+
+    Raises:
+        ValueError: For an unknown preset or option, or a value out of range (naming it).
+    """
+    OPTION["preset"].check("preset", preset, "")
+    unknown = sorted(set(given) - set(OPTION))
+    if unknown:
+        raise ValueError(f"Invalid option {unknown[0]!r}: must be one of {tuple(OPTION)}.")
+    explicit = {k: v for k, v in given.items() if v is not None}
+    for key, value in explicit.items():
+        OPTION[key].check(key, value, "")
+    config = dataclasses.replace(PRESETS[preset], **explicit)
+    inactive = config.inactive()
+    return config, [k for k in explicit if k in inactive]
+
+
+def no_effect_message(config: SLNBConfig, names: list[str]) -> str:
+    """The warning for options given explicitly that change nothing under ``config``."""
+    reasons = config.inactive()
+    parts = "; ".join(f"{n}={getattr(config, n)!r} ({reasons[n]})" for n in names)
+    return (f"SLNB (preset {config.preset!r}): these options have no effect: {parts}. Remove "
+            "them, or choose the setting they belong to.")
+
+
+def check_group(group: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError`` naming the first invalid per-group hyperparameter."""
+    for key in GROUP_KEYS:
+        OPTION[key].check(key, group[key], where)
+
+
+def docstring_table(indent: str = "") -> str:
+    """The options as a reStructuredText list with each preset's value (generated, never
+    written by hand: the constructor's docstring appends it)."""
+    rows = []
+    for o in OPTIONS:
+        values = ", ".join(f"{name} {getattr(c, o.name)!r}" for name, c in PRESETS.items())
+        rows.append(f"{indent}* ``{o.name}`` ({o.kind.__name__}; {values}): {o.help}")
+    return "\n".join(rows)
+
+
+def options_markdown() -> str:
+    """``docs/OPTIONS.md``: every option, its presets' values, scope and meaning."""
+    head = ("# SLNB options\n\nGenerated from `hf_slnb/config.py` by `python -m hf_slnb.config "
+            "> docs/OPTIONS.md` (a test checks it is current). In the Trainer each option is "
+            "`--slnb_<name>` or a key of `--optim_args` (except `lr` and `weight_decay`: "
+            "`--learning_rate`, `--weight_decay`). `None`/unset takes the preset's value.\n\n"
+            "| option | type | graft (default) | paper | per group | in the state's meaning "
+            "| meaning |\n|---|---|---|---|---|---|---|\n")
+    rows = [f"| `{o.name}` | {o.kind.__name__} | `{getattr(PRESETS['graft'], o.name)!r}` | "
+            f"`{getattr(PRESETS['paper'], o.name)!r}` | {'yes' if o.per_group else 'no'} | "
+            f"{'yes' if o.state else 'no'} | {o.help.replace('|', '/')} |" for o in OPTIONS]
+    return head + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")
+
+
+__all__ = ["BACKENDS", "FREE_OPTIONS", "GROUP_KEYS", "OPTIONS", "PRESETS", "RIDGE_MODES",
+           "STATE_OPTIONS", "TRUST_REGIONS", "Option", "SLNBConfig", "check_group",
+           "compile_patterns", "docstring_table", "no_effect_message", "resolve"]

@@ -1,0 +1,155 @@
+"""Update directions: how a layer's momentum gradient ``g`` becomes its direction ``h``.
+
+A direction is one class registered in :data:`DIRECTIONS`: it owns the state keys it keeps and
+computes ``h`` for every bank of layers (the stacked gradients of same-shape layers) from the
+bank's feature statistics. Parameters outside layers keep ``h = g`` (the identity metric), and so
+does a layer that saw no input this step. Adding a direction is one class and one registration
+line (see ``tests/test_composability.py``, which adds a toy one).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .functional import Stack, conjugate_gradient, per_layer
+
+if TYPE_CHECKING:
+    from .layers import Bank
+    from .step import StepContext
+
+
+class Direction:
+    """Base: ``h = g`` everywhere (subclasses precondition the banks).
+
+    Attributes:
+        name: Registry name.
+        state_keys: Per-layer state a bank keeps for this direction (besides ``mu``/``nu``).
+    """
+
+    name = "identity"
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def compute(self, ctx: StepContext) -> None:
+        """Set ``ctx.h`` for the banks' slabs (``ctx.h`` starts as ``g`` for every slab)."""
+        for bank in ctx.banks:
+            g = ctx.bank_grads(bank)
+            stats = ctx.statistics(bank)
+            h = bank.layout.solve(bank, g, lambda gs, b=bank, s=stats: self.solve(ctx, b, gs, s))
+            self.commit(bank, h, stats.active & ctx.live)
+            ctx.set_bank_direction(bank, h, stats.active)
+
+    def commit(self, bank: Bank, h: Stack, mask: Tensor) -> None:
+        """Keep what the next step needs (a warm start), for the layers in ``mask``."""
+
+    def solve(self, ctx: StepContext, bank: Bank, g: Stack, stats: Any) -> Stack:
+        """The direction of one bank's stacked gradients (whole layers)."""
+        return g
+
+
+class Diagonal(Direction):
+    """SLNB's diagonal incomplete-Cholesky inverse of the input metric: ``h = P g``."""
+
+    name = "diagonal"
+
+    def solve(self, ctx: StepContext, bank: Bank, g: Stack, stats: Any) -> Stack:
+        return bank.neurons[0].precondition_stacked(g, stats.mu, stats.inv)
+
+
+class PCG(Direction):
+    """Warm-started preconditioned conjugate gradient on ``(J^T J / N + ridge) h = g``."""
+
+    name = "pcg"
+    state_keys = ("solution",)
+
+    def solve(self, ctx: StepContext, bank: Bank, g: Stack, stats: Any) -> Stack:
+        group = ctx.group_of_bank(bank)
+        x0s = bank.layout.gather(bank, bank.solutions(ctx.bank_grads(bank)))
+        metric = bank.neurons[0].stacked_metric(bank, stats, self._ridges(group, stats))
+        if metric is not None:  # every layer has its explicit second moment: one batched solve
+            h, rel = conjugate_gradient(
+                metric, g, x0s, lambda v: bank.neurons[0].precondition_stacked(
+                    v, stats.mu, stats.inv), group["cg_iters"], self.config.cg_tol,
+                bank.layout.inner)
+            ctx.residuals.append(rel.max())
+            return h
+        return self._layer_by_layer(ctx, bank, g, stats, group, x0s)
+
+    def _ridges(self, group: dict[str, Any], stats: Any) -> Any:
+        if self.config.ridge_mode == "relative":  # scale-free: relative to the feature energy
+            return stats.nu.mean(-1) * group["ridge"]
+        return group["ridge"]
+
+    def _layer_by_layer(self, ctx: StepContext, bank: Bank, g: Stack, stats: Any,
+                        group: dict[str, Any], x0s: Stack) -> Stack:
+        """Matrix-free products (kept inputs, convolutions): one solve per layer."""
+        outs: list[list[Tensor]] = [[] for _ in g]
+        rels = []
+        for i, neuron in enumerate(bank.neurons):
+            gi = tuple(t[i:i + 1] for t in g)
+            if neuron.capture is None:  # no input: identity metric, nothing else touched
+                for o, t in zip(outs, gi):
+                    o.append(t)
+                continue
+            ridge: Any = group["ridge"]
+            if self.config.ridge_mode == "relative":  # scale-free: relative to the feature energy
+                ridge = stats.nu[i].mean() * ridge
+            neuron.prepare(ridge, stats.n_out[i, 0, 0])
+            mu, inv = stats.mu[i:i + 1], stats.inv[i:i + 1]
+
+            def matvec(v: Stack, n: Any = neuron) -> Stack:
+                return tuple(t[None] for t in n.metric(tuple(t[0] for t in v)))
+
+            def precond(v: Stack, n: Any = neuron, mu: Tensor = mu, inv: Tensor = inv) -> Stack:
+                return n.precondition_stacked(v, mu, inv)
+
+            x0 = tuple(t[i:i + 1] for t in x0s)
+            sol, rel = conjugate_gradient(matvec, gi, x0, precond, group["cg_iters"],
+                                          self.config.cg_tol, bank.layout.inner)
+            rels.append(rel)
+            for o, t in zip(outs, sol):
+                o.append(t)
+        h = tuple(torch.cat(o) for o in outs)
+        if rels:
+            ctx.residuals.append(torch.cat(rels).max())
+        return h
+
+    def commit(self, bank: Bank, h: Stack, mask: Tensor) -> None:
+        bank.keep_solutions(h, mask)
+
+
+#: The registered directions, by name.
+DIRECTIONS: dict[str, type[Direction]] = {}
+
+
+def register_direction(cls: type[Direction]) -> type[Direction]:
+    """Register a direction class under its ``name`` (``ValueError`` if taken)."""
+    if cls.name in DIRECTIONS:
+        raise ValueError(f"Invalid direction name {cls.name!r}: already registered.")
+    DIRECTIONS[cls.name] = cls
+    return cls
+
+
+for _cls in (Direction, Diagonal, PCG):
+    register_direction(_cls)
+
+
+def direction_for(config: Any) -> Direction:
+    """The direction a configuration asks for."""
+    return DIRECTIONS["diagonal" if config.diagonal_only else "pcg"](config)
+
+
+__all__ = [
+    "DIRECTIONS",
+    "PCG",
+    "Diagonal",
+    "Direction",
+    "direction_for",
+    "per_layer",
+    "register_direction",
+]

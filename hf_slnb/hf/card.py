@@ -1,0 +1,109 @@
+"""The model card's SLNB section: what the optimizer computed, and the hyperparameters that acted."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from transformers.training_args import TrainingArguments
+
+from .. import PAPER_URL
+from .args import HF_OPTIONS, resolved_config, slnb_optimizer_kwargs
+
+_CARD_BEGIN = "<!-- hf_slnb:begin -->"
+_CARD_END = "<!-- hf_slnb:end -->"
+
+
+def card_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
+    """The SLNB hyperparameters that acted in a run with ``args`` (given or the preset's).
+
+    ``lr`` and ``weight_decay`` are the Trainer's. Options that do nothing under the resolved
+    configuration (:meth:`hf_slnb.config.SLNBConfig.inactive`, e.g. the conjugate-gradient
+    options with ``diagonal_only=True``) are left out.
+    """
+    config = resolved_config({**slnb_optimizer_kwargs(args), "lr": args.learning_rate,
+                              "weight_decay": args.weight_decay})
+    inactive = config.inactive()
+    values: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
+    for option in HF_OPTIONS:
+        if option.name not in inactive:
+            values[option.name] = getattr(config, option.name)
+    values["skip_modules"] = list(values["skip_modules"])
+    return values
+
+
+def describe_update(values: dict[str, Any]) -> str:
+    """One paragraph saying what SLNB computed with these (resolved) hyperparameters."""
+    if values["diagonal_only"]:
+        direction = (
+            "The direction of each linear layer is its momentum gradient preconditioned by "
+            "SLNB's diagonal incomplete-Cholesky inverse of the layer's input-feature second "
+            "moment (means and variances of the inputs, `h = P g`; no conjugate gradient).")
+    else:
+        direction = (
+            "The direction of each linear layer solves its input-feature metric "
+            "`(J^T J / N + ridge) h = g` (momentum gradient `g`) by "
+            f"{values['cg_iters']} warm-started preconditioned conjugate-gradient iterations, "
+            f"{values['ridge_mode']} ridge {values['ridge']:g}.")
+    if not values["precondition_embeddings"]:
+        direction += " Embeddings take the identity metric."
+    rule = values["trust_region"]
+    if rule == "global":
+        step = ("The whole update is one step of metric length `lr` (a trust-region radius), "
+                "as published.")
+    elif rule == "tensor":
+        step = ("Each tensor's step is divided by its moving metric RMS (Adam-mini style), so "
+                "`lr` is an Adam-like step.")
+    else:
+        where = "each output row of every layer" if rule == "graft_row" else "each tensor"
+        step = (f"The step length of {where} is Adam's (Adam grafting, beta2 "
+                f"{values['norm_decay']:g}, eps {values['eps']:g}), so `lr` is an Adam-like "
+                "step; parameters outside linear layers (norms, scalars) take Adam's step.")
+    return f"{direction} {step}"
+
+
+def optimizer_line(args: TrainingArguments) -> str:
+    """The card's ``optimizer`` hyperparameter: SLNB and the hyperparameters that acted."""
+    params = ", ".join(f"{k}={v!r}" for k, v in card_hyperparameters(args).items())
+    return f"SLNB (Simple Linear Neuron Boosting, {PAPER_URL}) with {params}"
+
+
+def model_card_section(args: TrainingArguments) -> str:
+    """The markdown section that says what SLNB did in a run, for its model card."""
+    from .. import __version__
+
+    values = card_hyperparameters(args)
+    rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in values.items())
+    return (
+        f"{_CARD_BEGIN}\n"
+        "## Optimizer\n\n"
+        "Trained with **SLNB** (Simple Linear Neuron Boosting; D. Munoz, "
+        f"[arXiv:2502.01131]({PAPER_URL})), `--optim slnb` from the `hf_slnb` package "
+        f"{__version__}, preset `{values['preset']}`. {describe_update(values)} Weight decay is "
+        "not applied to biases and normalisation weights.\n\n"
+        "The hyperparameters that acted (options without effect under these settings are "
+        "not listed):\n\n"
+        "| hyperparameter | value |\n|---|---|\n"
+        f"{rows}\n"
+        f"{_CARD_END}\n"
+    )
+
+
+def add_to_model_card(trainer: Any) -> None:
+    """Add (or refresh) the SLNB section of the ``README.md`` in ``trainer.args.output_dir``."""
+    if not trainer.is_world_process_zero():
+        return
+    path = os.path.join(trainer.args.output_dir, "README.md")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(re.escape(_CARD_BEGIN) + r".*?" + re.escape(_CARD_END) + r"\n?", "", text,
+                  flags=re.DOTALL).rstrip("\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{text}\n\n{model_card_section(trainer.args)}")
+
+
+__all__ = ["add_to_model_card", "card_hyperparameters", "describe_update", "model_card_section",
+           "optimizer_line"]

@@ -1,0 +1,410 @@
+"""What every layer helper shares: captures, banks of same-shape layers, the registry.
+
+A *neuron* is a module linear in its parameters. Its helper (one small subclass of
+:class:`Neuron` per layer type, registered with :func:`register_layer`) knows the layer's feature
+axis, how many output positions a forward has, how its input becomes per-feature sums, how the
+diagonal preconditioner acts on a stack of its gradients and how to multiply by the metric
+``J^T J / N``. Vectors are tuples ``(weight,)`` or ``(weight, bias)`` in the parameters' layouts.
+
+Layers of one type, shape and dtype share a :class:`Bank`: their captured sums and their feature
+statistics are rows of stacked tensors, so that one kernel serves the whole bank at each step
+(and a data-parallel reduction is one collective over a few large tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import Vec
+
+GRAM_BLOCK = 256
+
+
+_STAT_DTYPES: dict[torch.dtype, torch.dtype] = {}
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or the parameter's dtype, whichever is wider (cached: no dispatch per call)."""
+    out = _STAT_DTYPES.get(dtype)
+    if out is None:
+        out = _STAT_DTYPES[dtype] = torch.promote_types(dtype, torch.float32)
+    return out
+
+
+def add_gram_upper(gram: Tensor, x: Tensor, block: int = GRAM_BLOCK) -> None:
+    """``gram += x^T x`` on the diagonal and upper blocks only (symmetry saves up to half)."""
+    d = x.shape[1]
+    if d <= block:
+        gram.addmm_(x.T, x)
+        return
+    for i in range(0, d, block):
+        gram[i : i + block, i:].addmm_(x[:, i : i + block].T, x[:, i:])
+
+
+def gram_upper_blocks(gram: Tensor, block: int = GRAM_BLOCK) -> list[Tensor]:
+    """The views of a gram that :func:`add_gram_upper` fills (all a reduction needs to sum)."""
+    d = gram.shape[0]
+    if d <= block:
+        return [gram]
+    return [gram[i : i + block, i:] for i in range(0, d, block)]
+
+
+def symmetrized(gram: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """A full symmetric copy of a gram accumulated by :func:`add_gram_upper`."""
+    if gram.shape[0] <= block:
+        return gram.clone()
+    return torch.triu(gram) + torch.triu(gram, diagonal=1).T
+
+
+@dataclass
+class Capture:
+    """What a neuron saw since the last step (its sums are rows of its bank). Never saved.
+
+    Attributes:
+        sum_x: Sum of the input features over every input position ``(d,)`` (a bank row).
+        sum_x2: Sum of their squares ``(d,)`` (a bank row).
+        count: Input positions (a Python number: shapes are known on the host).
+        n_out: Output positions ``N`` of the metric (a Python number).
+        gram: Explicit backend: ``sum x x^T`` over input positions (upper blocks), else ``None``.
+        inputs: Matrix-free backend: private copies of the inputs.
+        explicit: Which backend this step uses (``"auto"`` may switch once rows favour it).
+        rows: Rows of the kept inputs.
+        task: The backward pass that last added to this capture (see ``hooks.CaptureHook``).
+    """
+
+    sum_x: Tensor
+    sum_x2: Tensor
+    count: float = 0.0
+    n_out: float = 0.0
+    gram: Tensor | None = None
+    inputs: list[Tensor] = field(default_factory=list)
+    explicit: bool = False
+    rows: int = 0
+    task: int = -1
+
+
+class Bank:
+    """Same-type, same-shape layers whose captures and statistics are rows of stacked tensors.
+
+    Attributes:
+        neurons: The layers, one row each.
+        sums: This step's captured sums ``(L, 2, d)``: of the features and of their squares
+            (``sum_x``, ``sum_x2`` are views), zeroed after every step.
+        stats: Feature-mean and mean-square EMAs ``(L, 2, d)`` (raw, without bias correction;
+            ``mu``, ``nu`` are views, and ``optimizer.state[weight]["mu"]`` a view of a row).
+        stat_step: Steps in which each layer saw input ``(L, 1, 1)`` (float64, on the device).
+        decays: The EMA decays ``(1, 2, 1)`` (float64): ``mean_decay``, ``sq_mean_decay``.
+    """
+
+    def __init__(self, neurons: list[Neuron], dtype: torch.dtype, device: torch.device,
+                 decays: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.neurons = neurons
+        self.dtype, self.device = dtype, device
+        L, d = len(neurons), neurons[0].num_features
+        self.sums = torch.zeros(L, 2, d, dtype=dtype, device=device)
+        self.stats = torch.zeros(L, 2, d, dtype=dtype, device=device)
+        self.sum_x, self.sum_x2 = self.sums.unbind(1)
+        #: Captures made inside ``torch.compile`` go to each layer's own tensors (a compiled
+        #: backward checks the version of what it saved, and views of one stack share it); the
+        #: step folds them in (:meth:`fold_compiled`).
+        self.compiled = False
+        self.mu, self.nu = self.stats.unbind(1)
+        self.stat_step = torch.zeros(L, 1, 1, dtype=torch.float64, device=device)
+        self.decays = torch.tensor(decays, dtype=torch.float64, device=device).reshape(1, 2, 1)
+        self.weights_ema = (1.0 - self.decays).to(dtype)
+        self.has_bias = neurons[0].bias is not None
+        self.layout: Any = None  # hf_slnb.sharding: set by the optimizer
+        self.sol: tuple[Tensor, ...] | None = None  # PCG warm starts (w, b) stacks
+        rows_x, rows_x2 = self.sum_x.unbind(), self.sum_x2.unbind()
+        mus, nus, steps = self.mu.unbind(), self.nu.unbind(), self.stat_step[:, 0, 0].unbind()
+        self.state_rows = list(zip(mus, nus, steps))  # views made once, for optimizer.state
+        for i, n in enumerate(neurons):
+            n.bank, n.row = self, i
+            n.rows = (rows_x[i], rows_x2[i])  # views made once: a capture costs no view op
+            n.compiled_sums = torch.zeros(2, d, dtype=dtype, device=device)
+            n.compiled_counts = torch.zeros(2, dtype=dtype, device=device)
+
+    def fold_compiled(self) -> Tensor:
+        """Add the compiled captures into the sums; return their ``(2, L)`` positions (and zero
+        the layers' own tensors)."""
+        self.sums.add_(torch.stack([n.compiled_sums for n in self.neurons]))
+        counts = torch.stack([n.compiled_counts for n in self.neurons], 1)
+        torch._foreach_zero_([t for n in self.neurons for t in (n.compiled_sums,
+                                                                n.compiled_counts)])
+        return counts
+
+    def all_captured(self) -> bool:
+        """Whether every layer of the bank saw input this step (a host fact)."""
+        return all(n.captured for n in self.neurons)
+
+    @property
+    def weights(self) -> list[Tensor]:
+        return [n.weight for n in self.neurons]
+
+    @property
+    def biases(self) -> list[Tensor]:
+        return [n.bias for n in self.neurons if n.bias is not None]
+
+    def solutions(self, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The stacked PCG warm starts (zeros before the first solve), shaped like ``like``."""
+        if self.sol is None or len(self.sol) != len(like) or any(
+                s.shape != t.shape or s.dtype != t.dtype for s, t in zip(self.sol, like)):
+            self.sol = tuple(torch.zeros_like(t) for t in like)
+        return self.sol
+
+    def keep_solutions(self, h: tuple[Tensor, ...], mask: Tensor) -> None:
+        """Store ``h`` as the next warm start of the layers in ``mask`` (the rest keep theirs)."""
+        for s, t in zip(self.solutions(h), h):
+            torch.where(mask.reshape((-1,) + (1,) * (t.dim() - 1)), t, s, out=s)
+
+    def counts(self) -> tuple[list[float], list[float]]:
+        """Input and output positions of each layer this step (host numbers)."""
+        caps = [n.capture for n in self.neurons]
+        return ([0.0 if c is None else c.count for c in caps],
+                [0.0 if c is None else c.n_out for c in caps])
+
+
+class Neuron:
+    """Base helper: bookkeeping shared by every layer type.
+
+    Class attributes a helper sets:
+        kind: Its name in messages and diagnostics.
+        feature_axis: The weight's axis of input features (1 for ``(out, in, *taps)``, 0 for
+            ``(in, out)`` and embeddings ``(vocab, dim)``); dim-0 shards (FSDP2) are output rows
+            when it is 1 and input features when it is 0.
+        row_dims: Axes of the weight that one output unit's row spans (per-row step sizes).
+        supports_explicit / supports_matrix_free: The metric backends it has.
+    """
+
+    kind = "neuron"
+    feature_axis = 1
+    one_hot = False  # an embedding: its squared features are the features (no sum_x2 kept)
+    supports_explicit = True
+    supports_matrix_free = True
+
+    def __init__(self, name: str, module: nn.Module, weight: Tensor, bias: Tensor | None,
+                 backend: str) -> None:
+        self.name, self.module, self.weight, self.bias = name, module, weight, bias
+        self.backend = backend
+        self.capture: Capture | None = None
+        #: A training forward ran inside ``torch.compile`` since the last step (its sums go to
+        #: the bank by a tensor-only backward hook: see :meth:`capture_compiled`).
+        self.compiled_seen = False
+        self.bank: Bank | None = None
+        self.row = 0
+        self.cg_iters_hint = 2
+        self.ridge = 0.0
+        self.reduce_fn: Callable[[list[Tensor]], None] | None = None
+        #: Rebuilds the banks when the weight changed dtype or device (set by the optimizer).
+        self.rebank: Callable[[], None] | None = None
+        #: The slot of a head fed from its backbone's hidden states (see ``hooks``), weakly.
+        self.pending_head: Callable[[], object] | None = None
+
+    @property
+    def row_dims(self) -> tuple[int, ...]:
+        return (self.feature_axis,)  # one output unit's weights span the input features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The statistics' dtype, followed from the weight (``model.double()`` may change it)."""
+        return stat_dtype(self.weight.dtype)
+
+    @property
+    def num_features(self) -> int:
+        return self.weight.shape[self.feature_axis]
+
+    def bank_key(self) -> tuple[Any, ...]:
+        """Layers with equal keys share a bank (and one batched preconditioner)."""
+        return (type(self), tuple(self.weight.shape), self.bias is not None, self.dtype,
+                self.weight.device)
+
+    # -- capture ------------------------------------------------------------------------------
+    def open_capture(self, explicit: bool) -> Capture:
+        """This step's capture (its sums are the bank's rows), created on the first input."""
+        bank = self.bank
+        if bank is None or bank.dtype != self.dtype or bank.device != self.weight.device:
+            if self.rebank is not None:
+                self.rebank()
+            bank = self.bank
+        if self.capture is None:
+            assert bank is not None
+            d = self.num_features
+            self.capture = Capture(*self.rows, explicit=explicit,
+                                   gram=torch.zeros(d, d, dtype=self.dtype,
+                                                    device=self.weight.device) if explicit else None)
+        return self.capture
+
+    @property
+    def captured(self) -> bool:
+        """Whether this layer saw input since the last step (a host fact)."""
+        return self.capture is not None or self.compiled_seen
+
+    def drop_capture(self) -> None:
+        """Forget what was captured since the last step (its bank rows are zeroed)."""
+        if self.captured:
+            self.bank.sums[self.row].zero_()  # type: ignore[union-attr]
+            if self.compiled_seen:
+                self.compiled_sums.zero_()
+                self.compiled_counts.zero_()
+            self.capture = None
+            self.compiled_seen = False
+
+    def capture_compiled(self, x: Tensor, output: Tensor) -> None:
+        """Inside ``torch.compile``: reduce the input in the forward (traced into the graph) and
+        add the sums in a backward hook made of tensor ops only, so that Dynamo keeps one
+        graph. Only the diagonal statistics (the default preset's); counts are device tensors."""
+        bank = self.bank
+        assert bank is not None
+        total, norm = self.reduce_input(x)
+        n_in, n_out = self.positions(x, output)
+        pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=total.device)
+        sums, counts = self.compiled_sums, self.compiled_counts
+
+        def commit(grad: Tensor) -> None:  # a closure over tensors: Dynamo keeps one graph
+            _commit_compiled(sums, counts, total, norm, pair)
+
+        output.register_hook(commit)
+        self.compiled_seen = True
+        bank.compiled = True
+
+    def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The sum of one input's features over its positions and their norm (whose square the
+        commit adds, as the eager capture does), under ``no_grad``."""
+        with torch.no_grad():
+            if x.dim() == 1:
+                x = x[None]
+            dims, dt = tuple(range(x.dim() - 1)), self.dtype
+            return torch.sum(x, dims, dtype=dt), torch.linalg.vector_norm(x, 2, dims, dtype=dt)
+
+    def positions(self, x: Tensor, output: Tensor) -> tuple[int, int]:
+        rows = x.numel() // max(x.shape[-1], 1)
+        return rows, self.out_positions(output)
+
+    def choose_explicit(self, rows: int, diagonal_only: bool, distributed: bool) -> bool:
+        """Whether this step keeps the explicit second moment (else the inputs themselves)."""
+        if diagonal_only:
+            return False
+        if self.backend == "explicit" or not self.supports_matrix_free:
+            return self.supports_explicit
+        if self.backend == "matrix_free" or not self.supports_explicit:
+            return False
+        if distributed:
+            return True  # one all-reduce of d x d instead of one per conjugate-gradient product
+        return self.explicit_is_cheaper(rows)
+
+    def explicit_is_cheaper(self, rows: int) -> bool:
+        """Flop estimate: ``rows d^2 + (k+1) out d^2`` against ``(k+1) 2 rows d out``."""
+        d = self.num_features
+        out = self.weight.numel() // max(d, 1)
+        k1 = self.cg_iters_hint + 1
+        return rows * d * d + k1 * out * d * d <= 2 * k1 * rows * d * out
+
+    def record(self, x: Tensor, out_positions: int, diagonal_only: bool, distributed: bool) -> None:
+        """Add one forward's input to this step's capture (called from a backward hook)."""
+        raise NotImplementedError
+
+    def out_positions(self, output: Tensor) -> int:
+        """Output positions of one forward (samples of the metric)."""
+        return output.numel() // max(output.shape[-1], 1)
+
+    def _keep(self, cap: Capture, x: Tensor, rows: int) -> None:
+        """Keep a private copy of an input for the matrix-free products (a caller may refill
+        its tensor after the forward; autograd frees its own saved input after backward)."""
+        cap.inputs.append(x.clone())
+        cap.rows += rows
+
+    def _fold_if_cheaper(self, cap: Capture, distributed: bool) -> None:
+        """``"auto"``: switch to the explicit second moment once this step's rows favour it."""
+        if (self.backend != "auto" or distributed or not self.supports_explicit
+                or not self.explicit_is_cheaper(cap.rows)):
+            return
+        d = self.num_features
+        gram = torch.zeros(d, d, dtype=self.dtype, device=self.weight.device)
+        for x in cap.inputs:
+            add_gram_upper(gram, x.reshape(-1, d).to(self.dtype))
+        cap.gram, cap.inputs, cap.rows, cap.explicit = gram, [], 0, True
+
+    def reduce_tensors(self) -> list[Tensor]:
+        """What a data-parallel reduction sums besides the bank rows (the explicit gram)."""
+        cap = self.capture
+        return gram_upper_blocks(cap.gram) if cap is not None and cap.gram is not None else []
+
+    # -- maths ----------------------------------------------------------------------------------
+    def prepare(self, ridge: float, n_out: Tensor) -> None:
+        """Called once per step before metric products, with the (reduced) output positions."""
+        self.ridge = ridge
+        self.n_out = n_out
+
+    def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
+        """The diagonal incomplete-Cholesky preconditioner of this layer alone."""
+        out = self.precondition_stacked(tuple(t[None] for t in v), mu[None], inv_denom[None])
+        return tuple(t[0] for t in out)
+
+    def precondition_stacked(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
+        """The preconditioner of ``L`` layers of this type and shape at once (stacked)."""
+        raise NotImplementedError
+
+    def metric(self, v: Vec) -> Vec:
+        """``(J^T J / N + ridge I_W) v`` on this step's inputs."""
+        raise NotImplementedError
+
+    def stacked_metric(self, bank: Bank, stats: Any, ridge: Any
+                       ) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None:
+        """The metric of the whole bank as one batched product, or ``None`` (then each layer
+        applies its own :meth:`metric`)."""
+        return None
+
+    def _reduce(self, out: list[Tensor]) -> None:
+        if self.reduce_fn is not None:
+            self.reduce_fn(out)
+
+
+def _commit_compiled(sums: Tensor, counts: Tensor, total: Tensor, norm: Tensor | None,
+                     pair: Tensor) -> None:
+    """The backward half of :meth:`Neuron.capture_compiled` (tensor ops only)."""
+    with torch.no_grad():
+        sums[0].add_(total)
+        if norm is not None:
+            sums[1].addcmul_(norm, norm)
+        counts.add_(pair)
+
+
+#: Layer helpers in the order they are tried: ``(accepts(module, embeddings), helper class)``.
+LAYER_TYPES: list[tuple[Callable[[nn.Module, bool], bool], type[Neuron]]] = []
+
+
+def register_layer(accepts: Callable[[nn.Module, bool], bool]) -> Callable[[type[Neuron]],
+                                                                          type[Neuron]]:
+    """Class decorator: the helper handles modules for which ``accepts(module, embeddings)``."""
+    def add(cls: type[Neuron]) -> type[Neuron]:
+        LAYER_TYPES.append((accepts, cls))
+        return cls
+    return add
+
+
+def neuron_for(name: str, module: nn.Module, embeddings: bool, backend: str) -> Neuron | None:
+    """The helper for a module, or ``None`` when SLNB gives it the identity metric."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return None
+    bias = getattr(module, "bias", None)
+    bias = bias if isinstance(bias, Tensor) else None
+    for accepts, cls in LAYER_TYPES:
+        if accepts(module, embeddings):
+            return cls(name, module, weight, bias, backend)
+    return None
+
+
+def out_positions(output: Tensor, neuron: Neuron) -> int:
+    """Number of output positions of one forward (samples of the metric)."""
+    return neuron.out_positions(output)
+
+
+def prod(shape: Any) -> int:
+    return math.prod(shape)

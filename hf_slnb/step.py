@@ -1,0 +1,188 @@
+"""One step's working set: what the direction and the step rule read and write.
+
+:class:`StepContext` holds, for every slab of every arena, the bias-corrected momentum ``g`` and
+the direction ``h`` (stacks), the masks of the step (parameters stepped now, the non-finite
+skip) and the banks' statistics, and offers the few reductions the rules need. It is built and
+used inside ``SLNB.step`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import distributed
+from .functional import Stack, bias_correction, feature_statistics_, per_layer
+from .layers import Bank
+from .slabs import Arena, Slab
+
+
+@dataclass
+class Statistics:
+    """A bank's statistics this step: bias-corrected ``mu``, ``nu`` ``(L, d)``, the reciprocal
+    preconditioner denominators ``inv``, the ``(L,)`` mask of layers with input, ``n_out``."""
+
+    mu: Tensor
+    nu: Tensor
+    inv: Tensor
+    active: Tensor
+    n_out: Tensor
+
+
+class StepContext:
+    """Per-step working set (see the module docstring).
+
+    Args:
+        arenas: The arenas of the parameters.
+        banks: The banks of layers whose weights are stepped now.
+        stepped: Ids of the parameters with a gradient this step.
+        live: 0-d bool on each device: false when the step is skipped (non-finite values).
+        groups: Parameter id -> its parameter group.
+        counts: Bank id -> ``(L,)`` input and ``(L,)`` output positions (on the device).
+        shard_group: The FSDP2 process group (``None`` if nothing is sharded).
+    """
+
+    def __init__(self, arenas: list[Arena], banks: list[Bank], stepped: frozenset[int],
+                 live: Tensor, groups: dict[int, dict[str, Any]],
+                 counts: dict[int, tuple[Tensor, Tensor]], shard_group: object | None) -> None:
+        self.arenas, self.banks, self.live = arenas, banks, live
+        self.groups, self.counts, self.shard_group = groups, counts, shard_group
+        self.slabs: list[Slab] = [s for a in arenas for s in a.slabs]
+        self.g: dict[int, Tensor] = {}
+        self.h: dict[int, Tensor] = {}
+        self.preconditioned: dict[int, Tensor] = {}
+        self.residuals: list[Tensor] = []
+        self.diagnostics: dict[str, Tensor | float] = {}
+        self._stats: dict[int, Statistics] = {}
+        self._slab_of: dict[int, tuple[Slab, Slab | None]] = {}
+        self._row_dims: dict[int, tuple[int, ...]] = {}
+        self._live_rows: dict[int, Tensor] = {}
+        self.captured = {id(b): b.all_captured() for b in banks}
+        self._bank_of_slab: dict[int, Bank] = {}
+        for arena in arenas:
+            per, elem = arena.live(frozenset(i for i in stepped if i in arena.index))
+            arena.uniform = arena.uniform and per is None
+            keep = live.to(arena.device)
+            arena.live_elements = keep if elem is None else elem & keep
+            arena.live_params = keep if per is None else per & keep
+        for bank in banks:
+            w = bank.neurons[0].weight
+            arena = next(a for a in arenas if id(w) in a.index)
+            ws = arena.slab_of[id(w)]
+            b = bank.neurons[0].bias
+            bs = arena.slab_of.get(id(b)) if bank.has_bias and b is not None else None
+            bs = bs if bs is not None and bs.key[:2] == ws.key[:2] else None
+            self._slab_of[id(bank)] = (ws, bs)
+            self._row_dims[id(ws)] = bank.neurons[0].row_dims
+
+    # -- momentum --------------------------------------------------------------------------------
+    def momentum(self) -> None:
+        """Fold the (sanitised) gradients into the momenta; set ``g`` of every slab.
+
+        ``m <- m + (1 - beta) (grad - m)`` where the step is live and the parameter has a
+        gradient, else ``m`` stays bit for bit; ``g = m / (1 - beta^t)`` per parameter, written
+        over the gradient scratch (whose raw values are no longer needed).
+        """
+        for arena in self.arenas:
+            m, grad = arena.buffers["momentum_buffer"], arena.grad
+            arena.steps.add_(arena.live_params)
+            torch.where(arena.live_elements, grad, m, out=grad)
+            if len(set(arena.beta_values)) == 1:
+                m.lerp_(grad, 1.0 - arena.beta_values[0])
+            else:
+                for s in arena.slabs:
+                    s.stack(m).lerp_(s.stack(grad), 1.0 - arena.beta_values[s.lo])
+            if arena.uniform:  # one step count and one beta: one scalar for the whole arena
+                bc = bias_correction(arena.beta_values[0], arena.step0).to(arena.dtype)
+                torch.div(m, bc, out=grad)
+            else:
+                bc = torch.pow(arena.betas, torch.clamp(arena.steps, min=1.0)).neg_().add_(1.0)
+                for s, rows in zip(arena.slabs, self.split(arena, bc)):
+                    torch.div(s.stack(m), per_layer(rows, s.stack(m)), out=s.stack(grad))
+            for s in arena.slabs:
+                self.g[id(s)] = self.h[id(s)] = s.stack(grad)
+
+    def split(self, arena: Arena, vec: Tensor) -> tuple[Tensor, ...]:
+        """A per-parameter vector ``(P,)`` as each slab's ``(L,)`` rows, in the arena's dtype
+        (one cast and one split for the whole arena)."""
+        return torch.split(vec.to(arena.dtype), [len(s.params) for s in arena.slabs])
+
+    # -- banks -------------------------------------------------------------------------------------
+    def bank_grads(self, bank: Bank) -> Stack:
+        ws, bs = self._slab_of[id(bank)]
+        return (self.g[id(ws)],) if bs is None else (self.g[id(ws)], self.g[id(bs)])
+
+    def group_of_bank(self, bank: Bank) -> dict[str, Any]:
+        return self.groups[id(bank.neurons[0].weight)]
+
+    def statistics(self, bank: Bank) -> Statistics:
+        """The bank's EMAs updated with this step's sums (once per step) and their terms."""
+        if id(bank) not in self._stats:
+            group = self.group_of_bank(bank)
+            count, n_out = self.counts[id(bank)]
+            if bank.neurons[0].one_hot:  # one-hot inputs: the squares are the counts
+                bank.sum_x2.copy_(bank.sum_x)
+            mu, nu, inv, active = feature_statistics_(
+                bank.stats, bank.stat_step, bank.sums, count, self.live.to(bank.device),
+                bank.decays, bank.weights_ema, group["shrinkage"],
+                self._slab_of[id(bank)][1] is not None, self.captured[id(bank)])
+            if active.dim() == 0:
+                active = active.expand(len(bank.neurons))
+            else:
+                active = active.reshape(-1)
+            self._stats[id(bank)] = Statistics(mu, nu, inv, active, n_out)
+        return self._stats[id(bank)]
+
+    def set_bank_direction(self, bank: Bank, h: Stack, active: Tensor) -> None:
+        """Layers with input take ``h``; the others keep ``g`` (the identity metric)."""
+        for slab, hh in zip(self._slab_of[id(bank)], h):
+            if slab is None:
+                continue
+            if not self.captured[id(bank)]:  # a host fact: no mask when every layer saw input
+                hh = torch.where(per_layer(active, hh), hh, self.g[id(slab)])
+            self.h[id(slab)] = hh
+            self.preconditioned[id(slab)] = active
+            self._bank_of_slab[id(slab)] = bank
+
+    # -- reductions --------------------------------------------------------------------------------
+    def all_captured(self, slab: Slab) -> bool:
+        """Whether every layer of the slab's bank saw input (no identity rows to mask)."""
+        bank = self._bank_of_slab.get(id(slab))
+        return bank is not None and self.captured[id(bank)]
+
+    def row_dims(self, slab: Slab) -> tuple[int, ...]:
+        """Axes of one output row of a bank's weights; every axis for any other slab."""
+        return self._row_dims.get(id(slab), tuple(range(len(slab.shape))))
+
+    def sharded(self, slab_id: int) -> bool:
+        return self.shard_group is not None and any(
+            s.sharded for s in self.slabs if id(s) == slab_id)
+
+    def reduce_sharded(self, partial: dict[Any, Tensor]) -> None:
+        """Sum partial reductions of sharded slabs over the shards (one collective, in place)."""
+        if partial:
+            distributed.all_reduce_sum(list(partial.values()), self.shard_group)
+
+    def mask_rows(self, slab: Slab, values: Tensor | None) -> Tensor:
+        """The slab's ``(L,)`` mask of parameters stepped now (``values`` zeroed elsewhere)."""
+        mask = slab.arena.live_params
+        if mask.dim() == 0:
+            return mask if values is None else torch.where(mask, values, 0.0)
+        mask = slab.rows(mask)
+        return mask if values is None else torch.where(mask, values, 0.0)
+
+    def global_sum(self, parts: list[Tensor]) -> Tensor:
+        """One float64 scalar: the sum of ``parts`` (over devices)."""
+        dev = parts[0].device
+        if all(p.device == dev for p in parts):
+            return torch.stack(parts).sum().double()
+        return torch.stack([p.to(device=dev, dtype=torch.float64) for p in parts]).sum()
+
+    def tensor_bias_correction(self, slab: Slab, decay: float) -> Tensor:
+        return bias_correction(decay, slab.rows(slab.arena.steps))
+
+
+__all__ = ["Statistics", "StepContext"]
