@@ -127,6 +127,12 @@ class ModelBinding:
             bank.layout = sharding.layout_for(members[0], self.config.diagonal_only,
                                               self._shard_group)
             self.banks.append(bank)
+        heads = {id(n) for n, _ in hooks.head_sources(self.model, self.neurons)}
+        for n in self.neurons:
+            n.is_head = id(n) in heads
+            n.needs_moments = self.direction.needs_moments(n)
+            if n.needs_moments and self.config.direction == "whitened_orth":
+                n.backend = "explicit"  # the whitening needs every step's sum x x^T
         for n in self.neurons:
             cap, bank, row = old[id(n)]
             ref = weakref.ref(self)

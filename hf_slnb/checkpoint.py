@@ -118,7 +118,9 @@ class Checkpointing:
                 "written by an older hf_slnb), and its state shows options other than this "
                 f"optimizer's ({lines}). Build the optimizer with the options it was trained "
                 "with and load it again.")
-        unchecked = [k for k in STATE_OPTIONS if k not in shown]
+        # Old checkpoints predate 'direction': their diagonal_only says it.
+        unchecked = [k for k in STATE_OPTIONS if k not in shown
+                     and not (k == "direction" and "diagonal_only" in shown)]
         warnings.warn(
             "SLNB.load_state_dict: this checkpoint does not record its options (it was written "
             f"by an older hf_slnb): {', '.join(unchecked)} could not be checked and are taken "
@@ -139,6 +141,8 @@ class Checkpointing:
                         continue
                     if key in ("mu", "nu"):
                         want = None if neuron is None else (neuron.num_features,)
+                    elif key in ("input_cov", "input_inv_sqrt"):
+                        want = None if neuron is None else (neuron.num_features,) * 2
                     else:
                         want = () if key == "metric_sq" else tuple(p.shape)
                     if want is not None and tuple(value.shape) != want:

@@ -21,7 +21,10 @@ from typing import Any
 BACKENDS = ("auto", "explicit", "matrix_free")
 RIDGE_MODES = ("absolute", "relative")
 #: Step rules by their ``trust_region`` name (the classes are in :mod:`hf_slnb.step_rules`).
-TRUST_REGIONS = ("global", "tensor", "graft", "graft_row")
+TRUST_REGIONS = ("global", "tensor", "graft", "graft_row", "orth")
+#: Update directions by name (the classes are in :mod:`hf_slnb.directions`).
+DIRECTION_NAMES = ("diagonal", "pcg", "whitened_orth")
+PRESET_NAMES = ("graft", "paper", "whitened")
 
 
 def _real(name: str, value: Any, where: str) -> float:
@@ -99,7 +102,7 @@ def _patterns(name: str, value: Any, where: str) -> None:
 
 
 def _pcg(c: SLNBConfig) -> bool:
-    return not c.diagonal_only
+    return c.direction == "pcg"
 
 
 def _graft_or_tensor(c: SLNBConfig) -> bool:
@@ -137,9 +140,10 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("preset", str, "'graft' (default: SLNB's diagonal direction with Adam's step size per "
-           "output row) or 'paper' (the published algorithm, ALGORITHM.md, exactly). Sets every "
-           "option below that is not given.", _choice(("paper", "graft")), ("paper", "graft"),
-           state=True),
+           "output row), 'paper' (the published algorithm, ALGORITHM.md, exactly) or 'whitened' "
+           "(research, issue 13: orthogonalisation in whitened coordinates for the hidden "
+           "layers, Adam elsewhere). Sets every option below that is not given.",
+           _choice(PRESET_NAMES), PRESET_NAMES, state=True),
     Option("lr", float, "with trust_region='global' the trust-region radius (the metric length "
            "of each update, 0.05-1 is reasonable); otherwise an Adam-like step. >= 0.", _nonneg,
            per_group=True),
@@ -152,9 +156,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("shrinkage", float, "share s of the mean variance mixed into each feature's variance "
            "in the diagonal preconditioner, in [0, 1).", _unit, per_group=True),
     Option("weight_decay", float, "decoupled weight decay lambda, >= 0.", _nonneg, per_group=True),
-    Option("diagonal_only", bool, "use the diagonal preconditioner alone, h = P g (no conjugate "
-           "gradient: about the cost of AdamW); False solves the metric by PCG.", _flag,
-           state=True),
+    Option("direction", str, "the update direction of the layers: 'diagonal' (h = P g, SLNB's "
+           "diagonal preconditioner), 'pcg' (the metric solved by conjugate gradient, the paper's) "
+           "or 'whitened_orth' (orth(G C^-1/2) C^-1/2 with C each layer's input covariance: Muon "
+           "in whitened coordinates; hidden Linear/Conv1D layers only, others keep g).",
+           _choice(DIRECTION_NAMES), DIRECTION_NAMES, state=True),
+    Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
+           "direction='diagonal', False direction='pcg'.", _flag, state=True),
     Option("precondition_embeddings", bool, "give nn.Embedding its exact metric (token "
            "frequencies); otherwise embeddings use the identity metric.", _flag, state=True),
     Option("skip_modules", list, "regular expressions (re.search on the qualified module name, "
@@ -198,7 +206,7 @@ OPTION = {o.name: o for o in OPTIONS}
 GROUP_KEYS = tuple(o.name for o in OPTIONS if o.per_group)
 #: Options that give the state its meaning: a checkpoint loads only with equal values.
 STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
-                 "precondition_embeddings", "skip_modules", "norm_decay")
+                 "precondition_embeddings", "skip_modules", "norm_decay", "direction")
 assert set(STATE_OPTIONS) == {o.name for o in OPTIONS if o.state}
 #: Options recorded in a checkpoint that may change on resume (the loader's own are used).
 FREE_OPTIONS = tuple(o.name for o in OPTIONS if not o.state and not o.per_group)
@@ -215,6 +223,7 @@ class SLNBConfig:
     sq_mean_decay: float = 0.999
     shrinkage: float = 0.1
     weight_decay: float = 1e-4
+    direction: str = "diagonal"
     diagonal_only: bool = True
     precondition_embeddings: bool = True
     skip_modules: tuple[str, ...] = ()
@@ -231,6 +240,16 @@ class SLNBConfig:
     def __post_init__(self) -> None:
         for option in OPTIONS:
             option.check(option.name, getattr(self, option.name), "")
+        if self.diagonal_only != (self.direction == "diagonal") and self.direction != \
+                "whitened_orth":
+            raise ValueError(
+                f"Invalid diagonal_only={self.diagonal_only!r} with direction="
+                f"{self.direction!r}: diagonal_only=True is direction='diagonal' and False is "
+                "'pcg'; give one of them.")
+        if self.trust_region == "orth" and self.direction != "whitened_orth":
+            raise ValueError(f"Invalid trust_region='orth' with direction={self.direction!r}: "
+                             "it scales an orthogonalised direction; use "
+                             "direction='whitened_orth'.")
         patterns = tuple(p.pattern for p in compile_patterns(self.skip_modules))
         object.__setattr__(self, "skip_modules", patterns)
 
@@ -249,8 +268,11 @@ class SLNBConfig:
 #: size per output row (its ridge settings apply when ``diagonal_only=False`` is asked for).
 PRESETS: dict[str, SLNBConfig] = {
     "graft": SLNBConfig(),
-    "paper": SLNBConfig(preset="paper", lr=0.1, diagonal_only=False, trust_region="global",
-                        ridge=0.1, ridge_mode="absolute"),
+    "paper": SLNBConfig(preset="paper", lr=0.1, direction="pcg", diagonal_only=False,
+                        trust_region="global", ridge=0.1, ridge_mode="absolute"),
+    # Research (issue 13): lr is AdamW's; the whitened layers step 10x lr (Muon's lr).
+    "whitened": SLNBConfig(preset="whitened", direction="whitened_orth", diagonal_only=False,
+                           trust_region="orth", weight_decay=0.01),
 }
 
 
@@ -271,6 +293,10 @@ def resolve(preset: Any = "graft", **given: Any) -> tuple[SLNBConfig, list[str]]
     explicit = {k: v for k, v in given.items() if v is not None}
     for key, value in explicit.items():
         OPTION[key].check(key, value, "")
+    if "diagonal_only" in explicit and "direction" not in explicit:  # the older shorthand
+        explicit["direction"] = "diagonal" if explicit["diagonal_only"] else "pcg"
+    elif "direction" in explicit and "diagonal_only" not in explicit:
+        explicit["diagonal_only"] = explicit["direction"] == "diagonal"
     config = dataclasses.replace(PRESETS[preset], **explicit)
     inactive = config.inactive()
     return config, [k for k in explicit if k in inactive]
@@ -288,6 +314,14 @@ def check_group(group: dict[str, Any], where: str) -> None:
     """Raise ``ValueError`` naming the first invalid per-group hyperparameter."""
     for key in GROUP_KEYS:
         OPTION[key].check(key, group[key], where)
+
+
+def register(table: dict[str, Any], cls: Any, what: str) -> Any:
+    """Add ``cls`` to a registry under ``cls.name`` (``ValueError`` naming a taken name)."""
+    if cls.name in table:
+        raise ValueError(f"Invalid {what} name {cls.name!r}: already registered.")
+    table[cls.name] = cls
+    return cls
 
 
 def docstring_table(indent: str = "") -> str:
@@ -318,6 +352,7 @@ if __name__ == "__main__":
     print(options_markdown(), end="")
 
 
-__all__ = ["BACKENDS", "FREE_OPTIONS", "GROUP_KEYS", "OPTIONS", "PRESETS", "RIDGE_MODES",
-           "STATE_OPTIONS", "TRUST_REGIONS", "Option", "SLNBConfig", "check_group",
+__all__ = ["BACKENDS", "DIRECTION_NAMES", "FREE_OPTIONS", "GROUP_KEYS", "OPTIONS", "PRESETS",
+           "PRESET_NAMES", "RIDGE_MODES", "STATE_OPTIONS", "TRUST_REGIONS", "Option",
+           "SLNBConfig", "check_group",
            "compile_patterns", "docstring_table", "no_effect_message", "resolve"]

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import math
+
 import torch
 from torch import Tensor
 
+from . import whitened as W
+from .config import register
 from .functional import Stack, conjugate_gradient, per_layer
+from .layers import symmetrized
 
 if TYPE_CHECKING:
     from .layers import Bank
@@ -43,6 +48,15 @@ class Direction:
             h = bank.layout.solve(bank, g, lambda gs, b=bank, s=stats: self.solve(ctx, b, gs, s))
             self.commit(bank, h, stats.active & ctx.live)
             ctx.set_bank_direction(bank, h, stats.active)
+
+    def bank_state(self, bank: Bank) -> dict[str, Tensor]:
+        """Per-layer state stacks ``(L, ...)`` this direction keeps in a bank (published as
+        views in ``optimizer.state[weight]``, copied back after a load)."""
+        return {}
+
+    def needs_moments(self, neuron: Any) -> bool:
+        """Whether a layer's capture keeps more than the diagonal statistics."""
+        return not self.config.diagonal_only
 
     def commit(self, bank: Bank, h: Stack, mask: Tensor) -> None:
         """Keep what the next step needs (a warm start), for the layers in ``mask``."""
@@ -123,25 +137,90 @@ class PCG(Direction):
         bank.keep_solutions(h, mask)
 
 
+class WhitenedOrth(Direction):
+    """Orthogonalisation in whitened coordinates (issue 13): ``orth(G C^{-1/2}) C^{-1/2}``.
+
+    ``C`` is each layer's centred input covariance (an EMA, decay :attr:`decay`, damped by
+    :attr:`damping` times its mean eigenvalue), its inverse square root refreshed every
+    :attr:`refresh` steps by coupled Newton-Schulz (matmuls only: no host sync). With ``C = I``
+    this is Muon's direction; it is Muon on the network whose layers whiten their inputs, which is
+    SLNB's reparameterisation view. The result has Muon's size (``|orth(.)|_F``, times Keller
+    Jordan's ``sqrt(max(1, out / in))``). Applies to hidden ``nn.Linear`` and HF ``Conv1D``
+    layers; embeddings, the output head, convolutions and sharded layers keep ``g`` (the step
+    rule then gives them Adam's step, as Muon's authors do). Needs each layer's ``sum x x^T``.
+    """
+
+    name = "whitened_orth"
+    state_keys = ("input_cov", "input_inv_sqrt")
+    decay, damping, refresh, ns_iters = 0.95, 0.1, 10, 20
+
+    @staticmethod
+    def applies(bank: Bank) -> bool:
+        n = bank.neurons[0]
+        return (n.kind in ("linear", "conv1d_hf") and not getattr(n, "is_head", False)
+                and not bank.layout.sharded)
+
+    def needs_moments(self, neuron: Any) -> bool:
+        return neuron.kind in ("linear", "conv1d_hf") and not getattr(neuron, "is_head", False)
+
+    def bank_state(self, bank: Bank) -> dict[str, Tensor]:
+        if not self.applies(bank):
+            return {}
+        cov, root = bank_whitening(bank)
+        return {"input_cov": cov, "input_inv_sqrt": root}
+
+    def compute(self, ctx: StepContext) -> None:
+        for bank in ctx.banks:
+            if not self.applies(bank) or not ctx.captured[id(bank)] or any(
+                    n.capture.gram is None for n in bank.neurons):  # type: ignore[union-attr]
+                continue  # identity: h = g
+            stats = ctx.statistics(bank)
+            cov, root = bank_whitening(bank)
+            count = ctx.counts[id(bank)][0]  # (L, 1, 1)
+            mean = bank.sum_x / count[:, 0]
+            grams = torch.stack([symmetrized(n.capture.gram) for n in bank.neurons])  # type: ignore[union-attr]
+            c_b = grams / count - mean[:, :, None] * mean[:, None, :]
+            keep = per_layer(stats.active & ctx.live, cov)
+            torch.where(keep, torch.lerp(cov, c_b, 1.0 - self.decay), cov, out=cov)
+            if bank.whiten_steps % self.refresh == 0:  # a host counter: no sync to decide
+                t = bank.stat_step.clamp(min=1.0).to(cov.dtype)  # bias-corrected EMA
+                damped = W.damp(cov / (1.0 - self.decay ** t), self.damping)
+                root.copy_(W.inverse_sqrt_newton_schulz(damped, self.ns_iters))
+            bank.whiten_steps += 1
+            g = ctx.bank_grads(bank)
+            last = bank.neurons[0].feature_axis == 1
+            m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
+            u = W.whitened_orth(m, root) * math.sqrt(max(1.0, m.shape[1] / m.shape[2]))
+            h = u if last else u.transpose(1, 2)
+            ctx.set_slab_direction(bank, h, stats.active)
+
+
+def bank_whitening(bank: Bank) -> tuple[Tensor, Tensor]:
+    """The bank's input covariance EMAs ``(L, d, d)`` and their inverse roots (identity first)."""
+    if getattr(bank, "cov", None) is None:
+        L, d = len(bank.neurons), bank.neurons[0].num_features
+        bank.cov = torch.zeros(L, d, d, dtype=bank.dtype, device=bank.device)
+        bank.root = torch.eye(d, dtype=bank.dtype, device=bank.device).repeat(L, 1, 1)
+        bank.whiten_steps = 0
+    return bank.cov, bank.root
+
+
 #: The registered directions, by name.
 DIRECTIONS: dict[str, type[Direction]] = {}
 
 
 def register_direction(cls: type[Direction]) -> type[Direction]:
     """Register a direction class under its ``name`` (``ValueError`` if taken)."""
-    if cls.name in DIRECTIONS:
-        raise ValueError(f"Invalid direction name {cls.name!r}: already registered.")
-    DIRECTIONS[cls.name] = cls
-    return cls
+    return register(DIRECTIONS, cls, "direction")
 
 
-for _cls in (Direction, Diagonal, PCG):
+for _cls in (Direction, Diagonal, PCG, WhitenedOrth):
     register_direction(_cls)
 
 
 def direction_for(config: Any) -> Direction:
     """The direction a configuration asks for."""
-    return DIRECTIONS["diagonal" if config.diagonal_only else "pcg"](config)
+    return DIRECTIONS[config.direction](config)
 
 
 __all__ = [

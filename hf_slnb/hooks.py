@@ -102,7 +102,7 @@ class CaptureHook:
             return None
         return opt, neuron
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> Any:
         # Registered with_kwargs: rest = (kwargs, output); an unpickled copy may be called
         # without kwargs, so accept both.
         live = self._live()
@@ -122,8 +122,8 @@ class CaptureHook:
         if compiling and opt_diagonal(live[0]):
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             if isinstance(x, Tensor) and isinstance(output, Tensor) and output.requires_grad:
-                neuron.capture_compiled(x, output)
-            return
+                return neuron.capture_compiled(x, output)  # the output, through the capture
+            return None
         pending_head = neuron.pending_head() if neuron.pending_head is not None else None
         if pending_head is not None:  # the head ran as a module: its own input counts
             pending_head.x = None
@@ -165,7 +165,7 @@ class CaptureHook:
             # The gradients were set to None since this capture was made (model.zero_grad()
             # after a step that GradScaler skipped, or a discarded batch): start afresh.
             neuron.drop_capture()
-        neuron.record(x, n_out, opt.diagonal_only, opt._world_size() > 1)
+        neuron.record(x, n_out, not neuron.needs_moments, opt._world_size() > 1)
         if neuron.capture is not None:
             neuron.capture.task = task
 

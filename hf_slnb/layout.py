@@ -102,6 +102,8 @@ class StateLayout:
         bank, i = n.bank, n.row
         state = self.state[n.weight]
         state["mu"], state["nu"], state["stat_step"] = bank.state_rows[i]
+        for key, stack in self.direction.bank_state(bank).items():
+            state[key] = stack[i]
         if "solution" in self.direction.state_keys and bank.sol is not None:
             state["solution"] = _like(bank.sol[0][i], n.weight)
             if n.bias is not None and len(bank.sol) == 2:
@@ -131,6 +133,11 @@ class StateLayout:
             for key, dst in zip(("mu", "nu", "stat_step"), bank.state_rows[i]):
                 if state[key].data_ptr() != dst.data_ptr():
                     dst.copy_(state[key].reshape(dst.shape))
+            for key, stack in self.direction.bank_state(bank).items():
+                value = state.get(key)
+                if value is not None and value.data_ptr() != stack[i].data_ptr():
+                    stack[i].copy_(value)
+                    bank.whiten_steps = int(bank.stat_step[i].item())  # loading: a sync is fine
             sol = state.get("solution")
             if sol is not None:
                 owners = [n.weight] + ([n.bias] if n.bias is not None else [])

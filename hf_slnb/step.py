@@ -147,6 +147,15 @@ class StepContext:
             self.preconditioned[id(slab)] = active
             self._bank_of_slab[id(slab)] = bank
 
+    def set_slab_direction(self, bank: Bank, h: Tensor, active: Tensor) -> None:
+        """The weights alone take ``h`` (the biases keep ``g``: the identity metric)."""
+        slab = self._slab_of[id(bank)][0]
+        if not self.captured[id(bank)]:
+            h = torch.where(per_layer(active, h), h, self.g[id(slab)])
+        self.h[id(slab)] = h
+        self.preconditioned[id(slab)] = active
+        self._bank_of_slab[id(slab)] = bank
+
     # -- reductions --------------------------------------------------------------------------------
     def all_captured(self, slab: Slab) -> bool:
         """Whether every layer of the slab's bank saw input (no identity rows to mask)."""

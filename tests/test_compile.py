@@ -71,3 +71,22 @@ def test_inductor_trains_within_1e5_of_eager(float32_one_thread) -> None:
     assert breaks == 0
     assert max(float((a - b).abs().max()) for a, b in zip(eager, compiled)) <= 1e-5
     assert fraction_c == fraction
+
+
+def test_two_compiled_forwards_then_one_backward_count_both(float32_one_thread) -> None:
+    """Captures travel outside autograd's saved tensors: no version check trips."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    model = _model("llama").train()
+    twin = _model("llama").train()
+    opt = SLNB(model.parameters(), model=model)
+    ref = SLNB(twin.parameters(), model=twin)
+    run = torch.compile(model, backend="aot_eager")
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    (run(input_ids=x, labels=x).loss + run(input_ids=y, labels=y).loss).backward()
+    (twin(input_ids=x, labels=x).loss + twin(input_ids=y, labels=y).loss).backward()
+    opt.step()
+    ref.step()
+    dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

@@ -88,9 +88,9 @@ def test_tensor_trust_region_against_dense() -> None:
     ({"norm_decay": 1.0}, r"Invalid norm_decay=1\.0"),
     ({"eps": 0.0}, r"Invalid eps=0\.0"),
     ({"eps": float("inf")}, r"Invalid eps=inf: must be a finite number > 0\."),
-    ({"preset": ["paper"]}, r"Invalid preset=\['paper'\]: must be one of \('paper', 'graft'\)"),
+    ({"preset": ["paper"]}, r"Invalid preset=\['paper'\]: must be one of \('graft', 'paper', 'whitened'\)"),
     ({"ridge_mode": "scaled"}, r"Invalid ridge_mode='scaled'"),
-    ({"preset": "adam"}, r"Invalid preset='adam': must be one of \('paper', 'graft'\)"),
+    ({"preset": "adam"}, r"Invalid preset='adam': must be one of \('graft', 'paper', 'whitened'\)"),
 ])
 def test_bad_option(kwargs: dict, message: str) -> None:
     m = nn.Linear(2, 2)

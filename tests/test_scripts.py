@@ -125,7 +125,7 @@ def test_script_help_shows_what_runs(name: str, lr: str) -> None:
     out = " ".join(run_script(name, "--help", timeout=120).stdout.split())
     assert f"(default: {lr})" in out
     assert "--optim {" in out and "(default: slnb)" in out
-    assert "--slnb_preset {paper,graft}" in out and "--slnb_trust_region" in out
+    assert "--slnb_preset {graft,paper,whitened}" in out and "--slnb_trust_region" in out
     assert "key=value pairs" in out  # --optim_args explains SLNB's keys
     assert "(default: outputs/" in out
     assert "(default: 5e-05)" not in out and "(default: adamw_torch_fused)" not in out

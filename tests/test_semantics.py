@@ -209,7 +209,7 @@ def _save_load(sd: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("preset", ["graft", "paper"])
+@pytest.mark.parametrize("preset", ["graft", "paper", "whitened"])
 def test_checkpoint_resume_is_bit_exact(preset: str) -> None:
     torch.set_default_dtype(torch.float32)
     try:

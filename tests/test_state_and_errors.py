@@ -79,9 +79,11 @@ def test_cross_preset_resume_is_refused_naming_every_difference() -> None:
                r"its state another meaning \(preset: checkpoint 'paper', this optimizer 'graft'; "
                r"trust_region: checkpoint 'global', this optimizer 'graft_row'; ridge_mode: "
                r"checkpoint 'absolute', this optimizer 'relative'; diagonal_only: checkpoint "
-               r"False, this optimizer True\)\. Build the optimizer with the checkpoint's options "
+               r"False, this optimizer True; direction: checkpoint 'pcg', this optimizer "
+               r"'diagonal'\)\. Build the optimizer with the checkpoint's options "
                r"\(preset='paper', trust_region='global', ridge_mode='absolute', "
-               r"diagonal_only=False; in the Hugging Face Trainer the same keys in --optim_args\)")
+               r"diagonal_only=False, direction='pcg'; in the Hugging Face Trainer the same keys "
+               r"in --optim_args\)")
     with pytest.raises(ValueError, match=message):
         default.load_state_dict(sd)
     assert len(default.state) == 0 and default.param_groups[0]["lr"] == 3e-3  # nothing loaded
@@ -142,8 +144,8 @@ def test_state_dict_records_the_options_in_every_group() -> None:
         assert group["slnb"] == {
             "format": 1, "preset": "paper", "trust_region": "global", "ridge_mode": "absolute",
             "diagonal_only": False, "precondition_embeddings": True, "skip_modules": ["^3$"],
-            "norm_decay": 0.999, "metric_backend": "auto", "min_norm": 1e-2, "eps": 1e-8,
-            "cg_tol": 1e-5, "skipped_steps": 0}
+            "norm_decay": 0.999, "direction": "pcg", "metric_backend": "auto", "min_norm": 1e-2,
+            "eps": 1e-8, "cg_tol": 1e-5, "skipped_steps": 0}
     assert all("slnb" not in g for g in opt.param_groups)  # the live groups are untouched
     opt.load_state_dict(_save_load(sd))
     assert all("slnb" not in g for g in opt.param_groups)
@@ -420,8 +422,8 @@ def test_trainer_resume_of_a_paper_checkpoint_without_the_preset_fails(tmp_path:
 
 @pytest.mark.usefixtures("float32_one_thread")
 @pytest.mark.parametrize("optim_args,message", [
-    ("preset=PAPER", r"--optim slnb: Invalid preset='PAPER': must be one of \('paper', 'graft'\)"),
-    ("preset=adam", r"--optim slnb: Invalid preset='adam': must be one of \('paper', 'graft'\)"),
+    ("preset=PAPER", r"--optim slnb: Invalid preset='PAPER': must be one of \('graft', 'paper', 'whitened'\)"),
+    ("preset=adam", r"--optim slnb: Invalid preset='adam': must be one of \('graft', 'paper', 'whitened'\)"),
 ])
 def test_trainer_unknown_preset_is_a_value_error_when_arguments_are_built(
         tmp_path: Path, optim_args: str, message: str) -> None:

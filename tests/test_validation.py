@@ -37,7 +37,7 @@ BAD = [
     ({"diagonal_only": 0}, r"Invalid diagonal_only=0: must be True or False"),
     ({"precondition_embeddings": "False"},
      r"Invalid precondition_embeddings='False': must be True or False"),
-    ({"preset": ["paper"]}, r"Invalid preset=\['paper'\]: must be one of \('paper', 'graft'\)"),
+    ({"preset": ["paper"]}, r"Invalid preset=\['paper'\]: must be one of \('graft', 'paper', 'whitened'\)"),
     ({"eps": float("inf")}, r"Invalid eps=inf: must be a finite number > 0"),
     ({"cg_tol": float("inf")}, r"Invalid cg_tol=inf: must be a finite number >= 0"),
     ({"cg_tol": float("nan")}, r"Invalid cg_tol=nan: must be a finite number >= 0"),

@@ -94,3 +94,30 @@ def test_eigenbasis_adam_definition(two_sided):
     # With C diagonal (Q = I up to order) and one side, it is plain Adam.
     eye = torch.eye(6, dtype=D)
     torch.testing.assert_close(W.eigenbasis_adam(m, v_ref, eye), m / (v_ref.sqrt() + 1e-8))
+
+
+def test_whitened_orth_direction_class_equals_its_definition() -> None:
+    """Core v2's ``direction='whitened_orth'`` (preset 'whitened') on one Linear, in float64:
+    ``W - 10 lr orth(G C^-1/2) C^-1/2`` (Muon's size), the bias with Adam's step."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4).double()
+    x = torch.randn(50, 6, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2, 2.0, 1.0, 3.0],
+                                                                dtype=torch.float64) + 1.5
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
+               lr=1e-2)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin(x).pow(3).mean().backward()
+    gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
+    opt.step()
+    mean = x.mean(0)
+    c = (x.T @ x) / x.shape[0] - torch.outer(mean, mean)
+    root, _, _ = W.inverse_root_eigh(W.damp(c, 0.1))
+    u = W.whitened_orth(gw, root)  # out 4 <= in 6: Keller Jordan's factor is 1
+    torch.testing.assert_close(lin.weight.detach(), w0 - 10 * 1e-2 * u, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(lin.bias.detach(), b0 - 1e-2 * gb / (gb.abs() + 1e-8),
+                               rtol=1e-9, atol=1e-12)
+    assert set(opt.state[lin.weight]) >= {"input_cov", "input_inv_sqrt", "momentum_buffer"}

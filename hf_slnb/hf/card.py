@@ -35,7 +35,12 @@ def card_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
 
 def describe_update(values: dict[str, Any]) -> str:
     """One paragraph saying what SLNB computed with these (resolved) hyperparameters."""
-    if values["diagonal_only"]:
+    if values.get("direction") == "whitened_orth":
+        direction = (
+            "The direction of each hidden linear layer is Muon's orthogonalisation in whitened "
+            "coordinates, `orth(G C^-1/2) C^-1/2`, with `C` the layer's input covariance (an "
+            "EMA, damped); embeddings and the output head keep the identity metric.")
+    elif values["diagonal_only"]:
         direction = (
             "The direction of each linear layer is its momentum gradient preconditioned by "
             "SLNB's diagonal incomplete-Cholesky inverse of the layer's input-feature second "
@@ -49,7 +54,10 @@ def describe_update(values: dict[str, Any]) -> str:
     if not values["precondition_embeddings"]:
         direction += " Embeddings take the identity metric."
     rule = values["trust_region"]
-    if rule == "global":
+    if rule == "orth":
+        step = ("The whitened layers step by 10 `lr` at the direction's own (Muon) size; every "
+                "other parameter takes Adam's step at `lr`.")
+    elif rule == "global":
         step = ("The whole update is one step of metric length `lr` (a trust-region radius), "
                 "as published.")
     elif rule == "tensor":

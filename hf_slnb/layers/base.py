@@ -255,7 +255,7 @@ class Neuron:
             self.capture = None
             self.compiled_seen = False
 
-    def capture_compiled(self, x: Tensor, output: Tensor) -> None:
+    def capture_compiled(self, x: Tensor, output: Tensor) -> Tensor:
         """Inside ``torch.compile``: reduce the input in the forward (traced into the graph) and
         add the sums in a backward hook made of tensor ops only, so that Dynamo keeps one
         graph. Only the diagonal statistics (the default preset's); counts are device tensors."""
@@ -264,14 +264,10 @@ class Neuron:
         total, norm = self.reduce_input(x)
         n_in, n_out = self.positions(x, output)
         pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=total.device)
-        sums, counts = self.compiled_sums, self.compiled_counts
-
-        def commit(grad: Tensor) -> None:  # a closure over tensors: Dynamo keeps one graph
-            _commit_compiled(sums, counts, total, norm, pair)
-
-        output.register_hook(commit)
         self.compiled_seen = True
         bank.compiled = True
+        return _CompiledCapture.apply(output, total, norm, pair, self.compiled_sums,
+                                      self.compiled_counts)
 
     def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The sum of one input's features over its positions and their norm (whose square the
@@ -365,14 +361,26 @@ class Neuron:
             self.reduce_fn(out)
 
 
-def _commit_compiled(sums: Tensor, counts: Tensor, total: Tensor, norm: Tensor | None,
-                     pair: Tensor) -> None:
-    """The backward half of :meth:`Neuron.capture_compiled` (tensor ops only)."""
-    with torch.no_grad():
-        sums[0].add_(total)
-        if norm is not None:
-            sums[1].addcmul_(norm, norm)
-        counts.add_(pair)
+class _CompiledCapture(torch.autograd.Function):
+    """The layer's output, unchanged (a view); its backward adds the forward's reductions into
+    the layer's capture tensors. They travel as ``ctx`` attributes, not saved tensors, so no
+    version check trips when several forwards share them before one backward."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, total: Tensor, norm: Tensor | None, pair: Tensor,
+                sums: Tensor, counts: Tensor) -> Tensor:
+        ctx.parts = (total, norm, pair, sums, counts)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        total, norm, pair, sums, counts = ctx.parts
+        with torch.no_grad():
+            sums[0].add_(total)
+            if norm is not None:
+                sums[1].addcmul_(norm, norm)
+            counts.add_(pair)
+        return grad, None, None, None, None, None
 
 
 #: Layer helpers in the order they are tried: ``(accepts(module, embeddings), helper class)``.
