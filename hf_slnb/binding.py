@@ -8,7 +8,6 @@ construction (Accelerate's FSDP2 sharding) and drops captures when gradients are
 
 from __future__ import annotations
 
-import re
 import warnings
 import weakref
 from typing import Any
@@ -229,9 +228,11 @@ class ModelBinding:
             dev = host.to(device, non_blocking=True)
             reduce.append(dev)
             for bank, c, n in zip(banks, *(torch.split(t, sizes) for t in dev.unbind())):
-                if bank.compiled:  # captures made inside torch.compile (device counts)
-                    extra = bank.fold_compiled()
-                    c, n = c + extra[0].reshape(c.shape), n + extra[1].reshape(n.shape)
+                if bank.compiled:  # captures made inside torch.compile: in place, so that a
+                    # data-parallel reduction of ``dev`` sums them too
+                    c.add_(bank.compiled_counts[:, 0].reshape(c.shape))
+                    n.add_(bank.compiled_counts[:, 1].reshape(n.shape))
+                    bank.compiled_counts.zero_()
                     bank.compiled = False
                 counts[id(bank)] = (c, n)
         reduce_fn = None
@@ -265,4 +266,4 @@ class ModelBinding:
         self._install_hooks(new)
 
 
-__all__ = ["ModelBinding", "re"]
+__all__ = ["ModelBinding"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .config import GROUP_KEYS, STATE_OPTIONS
@@ -175,10 +174,6 @@ class Checkpointing:
             "SLNB cannot be copied or pickled (copy.deepcopy, pickle, torch.save of the "
             "optimizer): it is bound to the hooks of one live model. Save opt.state_dict() "
             "instead and load it into a new SLNB built on the model with load_state_dict().")
-
-
-def as_float64(value: Tensor, device: torch.device) -> Tensor:
-    return value.detach().to(device=device, dtype=torch.float64)
 
 
 __all__ = ["COUNTERS", "SAVED", "STATE_FORMAT", "Checkpointing"]

@@ -176,10 +176,8 @@ class WhitenedOrth(Direction):
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             cov, root = bank_whitening(bank)
-            count = ctx.counts[id(bank)][0]  # (L, 1, 1)
-            mean = bank.sum_x / count[:, 0]
             grams = torch.stack([symmetrized(n.capture.gram) for n in bank.neurons])  # type: ignore[union-attr]
-            c_b = grams / count - mean[:, :, None] * mean[:, None, :]
+            c_b = W.centred_second_moment(bank.sum_x, grams, ctx.counts[id(bank)][0][:, 0])
             keep = per_layer(stats.active & ctx.live, cov)
             torch.where(keep, torch.lerp(cov, c_b, 1.0 - self.decay), cov, out=cov)
             if bank.whiten_steps % self.refresh == 0:  # a host counter: no sync to decide

@@ -173,11 +173,6 @@ def conjugate_gradient(
 
 
 # -- step rules -------------------------------------------------------------------------------
-def adam_direction(m_hat: Tensor, v: Tensor, bc2: Tensor, eps: float) -> Tensor:
-    """Adam's direction ``m_hat / (sqrt(v / bc2) + eps)`` (``bc2`` broadcasts per layer)."""
-    return m_hat / torch.sqrt(v / bc2).add_(eps)
-
-
 def row_norms(t: Tensor, dims: Sequence[int]) -> Tensor:
     """Norms over ``dims`` (unstacked axes) of a stack, kept for broadcasting."""
     return torch.linalg.vector_norm(t, dim=[d + 1 for d in dims], keepdim=True)
@@ -244,6 +239,6 @@ class SkipLog:
         return self._drain(wait=True)
 
 
-__all__ = ["SkipLog", "Stack", "Vec", "adam_direction", "bias_correction", "conjugate_gradient",
+__all__ = ["SkipLog", "Stack", "Vec", "bias_correction", "conjugate_gradient",
            "denominator_floor", "feature_statistics_", "graft_ratio", "nonfinite_flags",
            "per_layer", "precondition_stacked", "row_norms", "stacked_dot"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .layers import LinearNeuron, Neuron, out_positions
+from .layers import LinearNeuron, Neuron
 
 if TYPE_CHECKING:
     from .optimizer import SLNB
@@ -42,10 +42,6 @@ def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     check = getattr(compiler, "is_compiling", None)
     return bool(check()) if check is not None else False
-
-
-def opt_diagonal(opt: Any) -> bool:
-    return bool(opt.config.diagonal_only)
 
 
 def _graph_task() -> int:
@@ -119,7 +115,7 @@ class CaptureHook:
             if not compiling:  # under torch.compile a functional head is not fed (documented)
                 self._capture_hidden(neuron, output)
             return
-        if compiling and opt_diagonal(live[0]):
+        if compiling and live[0].config.diagonal_only:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             if isinstance(x, Tensor) and isinstance(output, Tensor) and output.requires_grad:
                 return neuron.capture_compiled(x, output)  # the output, through the capture
@@ -133,7 +129,7 @@ class CaptureHook:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if not isinstance(x, Tensor):
             return
-        output.register_hook(_Pending(self, x, out_positions(output, neuron)))  # no detach op: the
+        output.register_hook(_Pending(self, x, neuron.out_positions(output)))  # no detach op: the
         # backward hook runs without grad mode and the slot is emptied when it fires
 
     def _capture_hidden(self, neuron: Neuron, output: Any) -> None:

@@ -28,7 +28,7 @@ class StateLayout:
 
     def _ensure_arenas(self, params: list[Tensor]) -> None:
         """(Re)build the arenas when a parameter is new, or changed dtype or device."""
-        known = {i for a in self._arenas for i in a.index}
+        known: set[int] = getattr(self, "_laid_out", set())
         stale = self._arenas_stale or any(id(p) not in known for p in params) or any(
             stat_dtype(p.dtype) != a.dtype or p.device != a.device
             for a in self._arenas for p in a.params)
@@ -36,6 +36,7 @@ class StateLayout:
             members = [p for p in self._all_params()
                        if id(p) in known or p.grad is not None or p.requires_grad]
             self._arenas = self._layout(members)
+            known = self._laid_out = {i for a in self._arenas for i in a.index}
             self._arenas_stale = False
             self._loaded_state = True  # copy any existing state (views of old buffers) in
         if self._loaded_state:
@@ -45,7 +46,7 @@ class StateLayout:
             self._adopt_bank_state()
             if self._shard_group is not None:  # a DCP template needs every key at once
                 for n in self.neurons:
-                    if id(n.weight) in {i for a in self._arenas for i in a.index}:
+                    if id(n.weight) in known:
                         self._warm_starts(n.bank)
                         n.has_stats = True
                         self._publish_neuron(n)
@@ -86,17 +87,6 @@ class StateLayout:
             arenas.append(Arena(list(slabs.values()), list(slabs), betas, dtype, device,
                                 element_keys, self.rule.tensor_keys))
         return arenas
-
-    def _stepping_banks(self, params: list[Tensor]) -> list[Any]:
-        """Banks whose weights (and biases) are all stepped now and laid out as a bank."""
-        out = []
-        for bank in self.banks:
-            arena = next((a for a in self._arenas if id(bank.weights[0]) in a.index), None)
-            if arena is None:
-                continue
-            if arena.slab_of[id(bank.weights[0])].key[:2] == ("bank", id(bank)):
-                out.append(bank)
-        return out
 
     def _publish_neuron(self, n: Any) -> None:
         bank, i = n.bank, n.row

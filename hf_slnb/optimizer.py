@@ -161,7 +161,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             return loss
         counts = self._reduce_captures()  # first: it folds in the captures made under compile
         live = self._screen(params)
-        ctx = StepContext(self._arenas, self._stepping_banks(params), frozenset(map(id, params)),
+        ctx = StepContext(self._arenas, self.banks, frozenset(map(id, params)),
                           live, self._group_of_param, counts, self._shard_group)
         self.rule.before(ctx)  # reads the raw gradients, which ctx.momentum overwrites
         ctx.momentum()
@@ -217,25 +217,33 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             flags = flags.to(torch.float32)
             distributed.all_reduce_sum([flags], self._shard_group)
             flags = flags > 0
-        names = [self._names.get(id(p), "?") for p, g in zip(params, grads) if g.numel() > 0]
-        names += [f"inputs of {b.neurons[0].name}" if len(b.neurons) == 1 else
-                  f"inputs of one of {', '.join(n.name for n in b.neurons)}"
-                  for b in self.banks]
+        names, copies = self._screen_plan(params)
         self._skips.record(flags, names)
         live = flags.any().logical_not()
-        by_arena: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
-        for p, g in zip(params, grads):
-            for a in self._arenas:
-                if id(p) in a.index:
-                    views = a.views("grad")
-                    entry = by_arena.setdefault(id(a), ([], []))
-                    entry[0].append(views[a.index[id(p)]])
-                    entry[1].append(g)
-        for dst, src in by_arena.values():
-            torch._foreach_copy_(dst, src)
+        for dst, idx in copies:
+            torch._foreach_copy_(dst, [grads[i] for i in idx])
         if flags.device.type == "cpu":
             self._report_skips(self._skips.poll())
         return live
+
+    def _screen_plan(self, params: list[Tensor]) -> tuple[list[str], list[Any]]:
+        """The flags' names and each arena's scratch views for ``params``: host work that
+        depends only on which parameters step, so it is made once per such set."""
+        key = (tuple(map(id, params)), tuple(map(id, self._arenas)), tuple(map(id, self.banks)))
+        plan = getattr(self, "_plan", None)
+        if plan is None or plan[0] != key:
+            names = [self._names.get(id(p), "?") for p in params if p.numel() > 0]
+            names += [f"inputs of {b.neurons[0].name}" if len(b.neurons) == 1 else
+                      f"inputs of one of {', '.join(n.name for n in b.neurons)}"
+                      for b in self.banks]
+            copies = []
+            for a in self._arenas:
+                views = a.views("grad")
+                idx = [i for i, p in enumerate(params) if id(p) in a.index]
+                if idx:
+                    copies.append(([views[a.index[id(params[i])]] for i in idx], idx))
+            plan = self._plan = (key, names, copies)
+        return plan[1], plan[2]
 
     def _report_skips(self, skipped: list[list[str]]) -> None:
         self.skipped_steps = self._skips.skipped

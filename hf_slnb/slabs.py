@@ -21,10 +21,6 @@ from torch import Tensor
 
 from .distributed import is_dtensor, local
 
-#: Per-element state keys an arena may hold (besides the gradient scratch).
-ELEMENT_KEYS = ("momentum_buffer", "exp_avg_sq")
-
-
 class Slab:
     """``L`` parameters of one local shape: rows ``lo:hi`` of the arena's parameter list."""
 
@@ -195,4 +191,4 @@ def _is_view_of(value: Tensor, vec: Tensor, i: int) -> bool:
             and value.data_ptr() == vec[i].data_ptr())
 
 
-__all__ = ["ELEMENT_KEYS", "Arena", "Slab"]
+__all__ = ["Arena", "Slab"]

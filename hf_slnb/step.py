@@ -37,7 +37,7 @@ class StepContext:
 
     Args:
         arenas: The arenas of the parameters.
-        banks: The banks of layers whose weights are stepped now.
+        banks: The layers' banks (those laid out as banks in the arenas are used).
         stepped: Ids of the parameters with a gradient this step.
         live: 0-d bool on each device: false when the step is skipped (non-finite values).
         groups: Parameter id -> its parameter group.
@@ -48,7 +48,7 @@ class StepContext:
     def __init__(self, arenas: list[Arena], banks: list[Bank], stepped: frozenset[int],
                  live: Tensor, groups: dict[int, dict[str, Any]],
                  counts: dict[int, tuple[Tensor, Tensor]], shard_group: object | None) -> None:
-        self.arenas, self.banks, self.live = arenas, banks, live
+        self.arenas, self.live = arenas, live
         self.groups, self.counts, self.shard_group = groups, counts, shard_group
         self.slabs: list[Slab] = [s for a in arenas for s in a.slabs]
         self.g: dict[int, Tensor] = {}
@@ -59,8 +59,6 @@ class StepContext:
         self._stats: dict[int, Statistics] = {}
         self._slab_of: dict[int, tuple[Slab, Slab | None]] = {}
         self._row_dims: dict[int, tuple[int, ...]] = {}
-        self._live_rows: dict[int, Tensor] = {}
-        self.captured = {id(b): b.all_captured() for b in banks}
         self._bank_of_slab: dict[int, Bank] = {}
         for arena in arenas:
             per, elem = arena.live(frozenset(i for i in stepped if i in arena.index))
@@ -68,15 +66,20 @@ class StepContext:
             keep = live.to(arena.device)
             arena.live_elements = keep if elem is None else elem & keep
             arena.live_params = keep if per is None else per & keep
-        for bank in banks:
+        self.banks: list[Bank] = []
+        for bank in banks:  # those laid out as a bank (the others' layers take the identity)
             w = bank.neurons[0].weight
-            arena = next(a for a in arenas if id(w) in a.index)
+            arena = next((a for a in arenas if id(w) in a.index), None)
+            if arena is None or arena.slab_of[id(w)].key[:2] != ("bank", id(bank)):
+                continue
+            self.banks.append(bank)
             ws = arena.slab_of[id(w)]
             b = bank.neurons[0].bias
             bs = arena.slab_of.get(id(b)) if bank.has_bias and b is not None else None
             bs = bs if bs is not None and bs.key[:2] == ws.key[:2] else None
             self._slab_of[id(bank)] = (ws, bs)
             self._row_dims[id(ws)] = bank.neurons[0].row_dims
+        self.captured = {id(b): b.all_captured() for b in self.banks}
 
     # -- momentum --------------------------------------------------------------------------------
     def momentum(self) -> None:
@@ -189,9 +192,6 @@ class StepContext:
         if all(p.device == dev for p in parts):
             return torch.stack(parts).sum().double()
         return torch.stack([p.to(device=dev, dtype=torch.float64) for p in parts]).sum()
-
-    def tensor_bias_correction(self, slab: Slab, decay: float) -> Tensor:
-        return bias_correction(decay, slab.rows(slab.arena.steps))
 
 
 __all__ = ["Statistics", "StepContext"]

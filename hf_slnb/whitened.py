@@ -20,10 +20,12 @@ NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def centred_second_moment(x_sum: torch.Tensor, xx_sum: torch.Tensor,
-                          count: float) -> torch.Tensor:
-    """``E[(x - μ)(x - μ)ᵀ]`` from the sums ``Σ x`` (d,), ``Σ x xᵀ`` (d, d) over ``count`` samples."""
+                          count: float | torch.Tensor) -> torch.Tensor:
+    """``E[(x - μ)(x - μ)ᵀ]`` from the sums ``Σ x`` (..., d), ``Σ x xᵀ`` (..., d, d) over ``count``
+    samples (a number, or a tensor of shape ``x_sum.shape[:-1] + (1,)`` for a stack)."""
     mean = x_sum / count
-    return xx_sum / count - torch.outer(mean, mean)
+    per_matrix = count[..., None] if isinstance(count, torch.Tensor) else count
+    return xx_sum / per_matrix - mean[..., :, None] * mean[..., None, :]
 
 
 def damp(c: torch.Tensor, damping: float) -> torch.Tensor:

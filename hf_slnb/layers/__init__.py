@@ -16,7 +16,6 @@ from .base import (
     add_gram_upper,
     gram_upper_blocks,
     neuron_for,
-    out_positions,
     register_layer,
     stat_dtype,
     symmetrized,
@@ -25,9 +24,7 @@ from .linear import Conv1DNeuron, LinearNeuron, is_hf_conv1d  # registration ord
 from .conv import ConvNeuron
 from .embedding import EmbeddingNeuron
 
-_is_hf_conv1d = is_hf_conv1d
-
 __all__ = ["BACKENDS", "GRAM_BLOCK", "LAYER_TYPES", "Bank", "Capture", "Conv1DNeuron",
            "ConvNeuron", "EmbeddingNeuron", "LinearNeuron", "Neuron", "add_gram_upper",
-           "gram_upper_blocks", "is_hf_conv1d", "neuron_for", "out_positions", "register_layer",
+           "gram_upper_blocks", "is_hf_conv1d", "neuron_for", "register_layer",
            "stat_dtype", "symmetrized"]

@@ -13,7 +13,6 @@ statistics are rows of stacked tensors, so that one kernel serves the whole bank
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,9 +109,9 @@ class Bank:
         self.sums = torch.zeros(L, 2, d, dtype=dtype, device=device)
         self.stats = torch.zeros(L, 2, d, dtype=dtype, device=device)
         self.sum_x, self.sum_x2 = self.sums.unbind(1)
-        #: Captures made inside ``torch.compile`` go to each layer's own tensors (a compiled
-        #: backward checks the version of what it saved, and views of one stack share it); the
-        #: step folds them in (:meth:`fold_compiled`).
+        #: Input and output positions of captures made inside ``torch.compile`` (device
+        #: tensors: no Python state changes in a compiled graph); the step adds them in.
+        self.compiled_counts = torch.zeros(L, 2, dtype=dtype, device=device)
         self.compiled = False
         self.mu, self.nu = self.stats.unbind(1)
         self.stat_step = torch.zeros(L, 1, 1, dtype=torch.float64, device=device)
@@ -127,17 +126,7 @@ class Bank:
         for i, n in enumerate(neurons):
             n.bank, n.row = self, i
             n.rows = (rows_x[i], rows_x2[i])  # views made once: a capture costs no view op
-            n.compiled_sums = torch.zeros(2, d, dtype=dtype, device=device)
-            n.compiled_counts = torch.zeros(2, dtype=dtype, device=device)
-
-    def fold_compiled(self) -> Tensor:
-        """Add the compiled captures into the sums; return their ``(2, L)`` positions (and zero
-        the layers' own tensors)."""
-        self.sums.add_(torch.stack([n.compiled_sums for n in self.neurons]))
-        counts = torch.stack([n.compiled_counts for n in self.neurons], 1)
-        torch._foreach_zero_([t for n in self.neurons for t in (n.compiled_sums,
-                                                                n.compiled_counts)])
-        return counts
+            n.count_row = self.compiled_counts[i]
 
     def all_captured(self) -> bool:
         """Whether every layer of the bank saw input this step (a host fact)."""
@@ -250,8 +239,7 @@ class Neuron:
         if self.captured:
             self.bank.sums[self.row].zero_()  # type: ignore[union-attr]
             if self.compiled_seen:
-                self.compiled_sums.zero_()
-                self.compiled_counts.zero_()
+                self.count_row.zero_()
             self.capture = None
             self.compiled_seen = False
 
@@ -266,8 +254,7 @@ class Neuron:
         pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=total.device)
         self.compiled_seen = True
         bank.compiled = True
-        return _CompiledCapture.apply(output, total, norm, pair, self.compiled_sums,
-                                      self.compiled_counts)
+        return _CompiledCapture.apply(output, total, norm, pair, self.rows, self.count_row)
 
     def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """The sum of one input's features over its positions and their norm (whose square the
@@ -337,11 +324,6 @@ class Neuron:
         self.ridge = ridge
         self.n_out = n_out
 
-    def precondition(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
-        """The diagonal incomplete-Cholesky preconditioner of this layer alone."""
-        out = self.precondition_stacked(tuple(t[None] for t in v), mu[None], inv_denom[None])
-        return tuple(t[0] for t in out)
-
     def precondition_stacked(self, v: Vec, mu: Tensor, inv_denom: Tensor) -> Vec:
         """The preconditioner of ``L`` layers of this type and shape at once (stacked)."""
         raise NotImplementedError
@@ -363,12 +345,12 @@ class Neuron:
 
 class _CompiledCapture(torch.autograd.Function):
     """The layer's output, unchanged (a view); its backward adds the forward's reductions into
-    the layer's capture tensors. They travel as ``ctx`` attributes, not saved tensors, so no
-    version check trips when several forwards share them before one backward."""
+    the layer's bank rows. They travel as ``ctx`` attributes, not saved tensors, so no version
+    check trips when the rows of one stack change between a forward and its backward."""
 
     @staticmethod
     def forward(ctx: Any, out: Tensor, total: Tensor, norm: Tensor | None, pair: Tensor,
-                sums: Tensor, counts: Tensor) -> Tensor:
+                sums: tuple[Tensor, Tensor], counts: Tensor) -> Tensor:
         ctx.parts = (total, norm, pair, sums, counts)
         return out.view_as(out)
 
@@ -407,12 +389,3 @@ def neuron_for(name: str, module: nn.Module, embeddings: bool, backend: str) -> 
         if accepts(module, embeddings):
             return cls(name, module, weight, bias, backend)
     return None
-
-
-def out_positions(output: Tensor, neuron: Neuron) -> int:
-    """Number of output positions of one forward (samples of the metric)."""
-    return neuron.out_positions(output)
-
-
-def prod(shape: Any) -> int:
-    return math.prod(shape)
