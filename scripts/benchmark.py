@@ -81,8 +81,8 @@ import hf_slnb
 
 logger = logging.getLogger("benchmark")
 
-OPTIMIZERS = ("slnb", "adamw", "schedulefree", "soap", "muon")
-TASKS = ("clm", "cls")
+OPTIMIZERS = ("slnb", "adamw", "schedulefree", "soap", "muon", "torch_muon")
+TASKS = ("clm", "cls", "llama")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def clm_task(quick: bool) -> TaskSpec:
         eval_batch_size=32, scheduler="cosine", warmup=0.05, weight_decay=0.01,
         lrs={"slnb": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2],
              "schedulefree": [1e-3, 3e-3, 1e-2], "soap": [1e-3, 3e-3, 1e-2],
-             "muon": [0.01, 0.03, 0.1]},
+             "muon": [0.01, 0.03, 0.1], "torch_muon": [1e-3, 3e-3, 1e-2]},
         slnb_radius_lrs=[0.1, 0.3, 1.0], muon_aux_lr=3e-3, build=build,
         blocks_prefix="transformer.h.",
     )
@@ -154,9 +154,52 @@ def cls_task(quick: bool) -> TaskSpec:
         eval_batch_size=64, scheduler="linear", warmup=0.1, weight_decay=0.01,
         lrs={"slnb": [3e-5, 1e-4, 3e-4], "adamw": [3e-5, 1e-4, 3e-4],
              "schedulefree": [1e-4, 3e-4, 1e-3], "soap": [3e-5, 1e-4, 3e-4],
-             "muon": [1e-3, 3e-3, 1e-2]},
+             "muon": [1e-3, 3e-3, 1e-2], "torch_muon": [3e-5, 1e-4, 3e-4]},
         slnb_radius_lrs=[0.05, 0.1, 0.2], muon_aux_lr=1e-4, build=build,
         blocks_prefix="bert.encoder.",
+    )
+
+
+def llama_task(quick: bool) -> TaskSpec:
+    """A byte-level Llama (4x128, SwiGLU, untied head) on Shakespeare's bytes (``ablate_llama.py``'s
+    model and corpus), through the Trainer like the other tasks."""
+    import ablate_llama
+
+    block, n_train, n_eval = (32, 256, 8) if quick else (128, 20_000, 64)
+
+    def build() -> tuple[Any, Any, Callable[[], torch.nn.Module], Any, Any]:
+        raw = torch.tensor(list(ablate_llama.corpus_bytes()), dtype=torch.long)
+        split = int(0.98 * raw.numel())
+        train, held = raw[:split], raw[split:]
+        # Fixed, evenly spread training windows (the same for every run), held-out eval blocks.
+        starts = torch.linspace(0, train.numel() - block - 1, n_train).long().tolist()
+        train_rows = [{"input_ids": train[s:s + block].tolist(),
+                       "labels": train[s:s + block].tolist()} for s in starts]
+        n = min(n_eval, (held.numel() - 1) // block)
+        eval_rows = [{"input_ids": held[i * block:(i + 1) * block].tolist(),
+                      "labels": held[i * block:(i + 1) * block].tolist()} for i in range(n)]
+
+        def make_model() -> torch.nn.Module:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            width = 32 if quick else 128
+            return LlamaForCausalLM(LlamaConfig(
+                vocab_size=256, hidden_size=width, intermediate_size=width * 43 // 16,
+                num_hidden_layers=1 if quick else 4, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=block,
+                tie_word_embeddings=False))
+
+        return train_rows, eval_rows, make_model, default_data_collator, None
+
+    return TaskSpec(
+        name="llama", title="byte-level Llama (4x128) on Shakespeare",
+        steps=4 if quick else 400, eval_every=2 if quick else 25, batch_size=4 if quick else 16,
+        eval_batch_size=32, scheduler="cosine", warmup=0.05, weight_decay=0.01,
+        lrs={"slnb": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2],
+             "schedulefree": [1e-3, 3e-3, 1e-2], "soap": [1e-3, 3e-3, 1e-2],
+             "muon": [0.01, 0.03, 0.1], "torch_muon": [1e-3, 3e-3, 1e-2]},
+        slnb_radius_lrs=[0.1, 0.3, 1.0], muon_aux_lr=3e-3, build=build,
+        blocks_prefix="model.layers.",
     )
 
 
@@ -177,6 +220,44 @@ def muon_optimizer(model: torch.nn.Module, lr: float, aux_lr: float, weight_deca
         {"params": hidden, "lr": lr, "weight_decay": weight_decay, "use_muon": True},
         {"params": other, "lr": aux_lr, "weight_decay": 0.0, "use_muon": False},
     ])
+
+
+class _Chained(torch.optim.Optimizer):
+    """Two optimizers stepped as one (Muon on the hidden matrices, AdamW on the rest); their
+    param groups are shared, so the Trainer's scheduler and clipping see every group."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+        super().__init__([g for o in optimizers for g in o.param_groups], {})
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for o, s in zip(self.optimizers, state_dict["optimizers"]):
+            o.load_state_dict(s)
+
+
+def torch_muon_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                         blocks_prefix: str) -> torch.optim.Optimizer:
+    """``torch.optim.Muon`` on the blocks' 2-D weights, AdamW on the rest, one lr for both.
+
+    ``adjust_lr_fn="match_rms_adamw"`` (Moonlight's rule, ``0.2 sqrt(max(A, B))``) makes the
+    update's RMS AdamW's, so Muon takes AdamW's lr and weight decay, and, being symmetric in the
+    two dimensions, scales GPT-2's ``Conv1D`` (stored ``(in, out)``) like ``nn.Linear``.
+    """
+    hidden: list[torch.nn.Parameter] = []
+    other: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (hidden if name.startswith(blocks_prefix) and p.ndim == 2 else other).append(p)
+    return _Chained(
+        torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW(other, lr=lr, weight_decay=weight_decay))
 
 
 def trainer_kwargs(opt: str, lr: float, task: TaskSpec, model: torch.nn.Module,
@@ -201,6 +282,9 @@ def trainer_kwargs(opt: str, lr: float, task: TaskSpec, model: torch.nn.Module,
     if opt == "muon":
         optimizer = muon_optimizer(model, lr, task.muon_aux_lr, task.weight_decay,
                                    task.blocks_prefix)
+        return {}, {"optimizers": (optimizer, None)}
+    if opt == "torch_muon":
+        optimizer = torch_muon_optimizer(model, lr, task.weight_decay, task.blocks_prefix)
         return {}, {"optimizers": (optimizer, None)}
     raise ValueError(f"Unknown optimizer {opt!r}: must be one of {', '.join(OPTIMIZERS)}.")
 
@@ -498,7 +582,7 @@ def parse_lr_overrides(items: Sequence[str], tasks: Sequence[str]) -> dict[tuple
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="clm,cls", help="Comma-separated: clm, cls.")
+    parser.add_argument("--tasks", default="clm,cls", help="Comma-separated: clm, cls, llama.")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"Comma-separated subset of {', '.join(OPTIMIZERS)}.")
     parser.add_argument("--lr", action="append", default=[], metavar="[TASK:]OPT=LR,...",
@@ -558,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    builders = {"clm": clm_task, "cls": cls_task}
+    builders = {"clm": clm_task, "cls": cls_task, "llama": llama_task}
     reports: dict[str, Any] = {}
     tables = []
     for name in tasks:
@@ -646,7 +730,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
                 runs.setdefault(name, []).append(RunResult(**d))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    builders = {"clm": clm_task, "cls": cls_task}
+    builders = {"clm": clm_task, "cls": cls_task, "llama": llama_task}
     reports: dict[str, Any] = {}
     tables: list[tuple[TaskSpec, str, Path]] = []
     for name, task_runs in runs.items():
