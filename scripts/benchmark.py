@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """SLNB against AdamW and strong peers, side by side: same model, data, seed and step budget.
 
-Two tasks, built by the example scripts' own functions: ``clm`` pretrains the small GPT-2 of
+Four tasks, built by the example scripts' own functions: ``clm`` pretrains the small GPT-2 of
 ``train_clm.py`` on Shakespeare, ``cls`` fine-tunes the MiniLM of ``finetune_classification.py``
-on King James verses (Old vs New Testament). Every optimizer runs through the Hugging Face
+on King James verses (Old vs New Testament), ``llama`` trains the byte-level Llama of
+``ablate_llama.py`` on Shakespeare's bytes and ``clm10m`` is ``clm`` with a 10.5M GPT-2 for 1000
+steps (the larger run). Every optimizer runs through the Hugging Face
 ``Trainer`` with a small learning-rate sweep:
 
 * ``slnb``: ``--optim slnb`` (options from ``--slnb-args``; its default preset takes an Adam-like
@@ -14,7 +16,11 @@ on King James verses (Old vs New Testament). Every optimizer runs through the Hu
   the optimizer warms up itself);
 * ``soap``: ``pytorch_optimizer.SOAP`` (package ``pytorch-optimizer``);
 * ``muon``: ``pytorch_optimizer.Muon`` on the hidden weight matrices of the transformer blocks,
-  AdamW (at the task's ``--muon-aux-lr``) on embeddings, heads, biases and norms.
+  AdamW (at the task's ``--muon-aux-lr``) on embeddings, heads, biases and norms;
+* ``torch_muon``: ``torch.optim.Muon`` on the same matrices with Moonlight's
+  ``adjust_lr_fn="match_rms_adamw"`` (update RMS 0.2 lr, symmetric in the two dimensions, so
+  GPT-2's ``Conv1D`` is scaled like ``nn.Linear``) and AdamW on the rest, one lr for both (the
+  fair Muon baseline: pytorch-optimizer's scales ``Conv1D`` by its stored ``(in, out)`` shape).
 
 Per optimizer and learning rate it reports the final and best eval loss, the steps (and training
 seconds) to reach AdamW's best final eval loss, the median time per step and the peak resident
@@ -82,7 +88,7 @@ import hf_slnb
 logger = logging.getLogger("benchmark")
 
 OPTIMIZERS = ("slnb", "adamw", "schedulefree", "soap", "muon", "torch_muon")
-TASKS = ("clm", "cls", "llama")
+TASKS = ("clm", "cls", "llama", "clm10m")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +139,24 @@ def clm_task(quick: bool) -> TaskSpec:
         slnb_radius_lrs=[0.1, 0.3, 1.0], muon_aux_lr=3e-3, build=build,
         blocks_prefix="transformer.h.",
     )
+
+
+def clm10m_task(quick: bool) -> TaskSpec:
+    """The larger run: ``clm``'s data with a 10.5M GPT-2 (8x256, BPE vocabulary 16384) for 1000
+    steps (the ``gpt2-10m`` of ``benchmark_step.py``)."""
+    task = clm_task(quick)
+    if quick:
+        return dataclasses.replace(task, name="clm10m")
+    args = dataclasses.replace(clm_script.ScriptArguments(), n_embd=256, n_layer=8, n_head=4,
+                               vocab_size=16384)
+
+    def build() -> tuple[Any, Any, Callable[[], torch.nn.Module], Any, Any]:
+        tokenizer, train, held_out = clm_script.build_data(args)
+        return train, held_out, lambda: clm_script.build_model(args, tokenizer), \
+            default_data_collator, None
+
+    return dataclasses.replace(task, name="clm10m", title="GPT-2 (8x256, 10.5M) pretraining on "
+                               "Shakespeare", steps=1000, eval_every=100, build=build)
 
 
 def cls_task(quick: bool) -> TaskSpec:
@@ -297,6 +321,9 @@ def check_available(optimizers: Sequence[str]) -> None:
     for opt in optimizers:
         if opt not in OPTIMIZERS:
             raise SystemExit(f"Unknown optimizer {opt!r}: choose from {', '.join(OPTIMIZERS)}.")
+        if opt == "torch_muon" and not hasattr(torch.optim, "Muon"):
+            raise SystemExit(f"--optimizers torch_muon needs torch.optim.Muon (torch >= 2.9; this "
+                             f"is torch {torch.__version__}).")
         if opt in need:
             module, package = need[opt]
             try:
@@ -582,7 +609,7 @@ def parse_lr_overrides(items: Sequence[str], tasks: Sequence[str]) -> dict[tuple
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default="clm,cls", help="Comma-separated: clm, cls, llama.")
+    parser.add_argument("--tasks", default="clm,cls", help="Comma-separated: clm, cls, llama, clm10m.")
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help=f"Comma-separated subset of {', '.join(OPTIMIZERS)}.")
     parser.add_argument("--lr", action="append", default=[], metavar="[TASK:]OPT=LR,...",
@@ -642,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    builders = {"clm": clm_task, "cls": cls_task, "llama": llama_task}
+    builders = {"clm": clm_task, "cls": cls_task, "llama": llama_task, "clm10m": clm10m_task}
     reports: dict[str, Any] = {}
     tables = []
     for name in tasks:
@@ -730,7 +757,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
                 runs.setdefault(name, []).append(RunResult(**d))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    builders = {"clm": clm_task, "cls": cls_task, "llama": llama_task}
+    builders = {"clm": clm_task, "cls": cls_task, "llama": llama_task, "clm10m": clm10m_task}
     reports: dict[str, Any] = {}
     tables: list[tuple[TaskSpec, str, Path]] = []
     for name, task_runs in runs.items():

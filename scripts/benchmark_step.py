@@ -39,6 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 MODELS = {
     "gpt2-tiny": ("gpt2", {"n_embd": 128, "n_layer": 2, "n_head": 2, "vocab_size": 8192}),
     "gpt2-10m": ("gpt2", {"n_embd": 256, "n_layer": 8, "n_head": 4, "vocab_size": 16384}),
+    "llama-tiny": ("llama", {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
+                             "num_attention_heads": 4, "num_key_value_heads": 4,
+                             "vocab_size": 256, "tie_word_embeddings": False}),
     "minilm": ("bert", {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                         "intermediate_size": 1536, "vocab_size": 30522}),
 }
@@ -52,6 +55,10 @@ def build(name: str, seq: int) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "gpt2":
         return GPT2LMHeadModel(GPT2Config(n_positions=seq, **kw))
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(max_position_embeddings=seq, **kw))
     return BertForMaskedLM(BertConfig(max_position_embeddings=max(seq, 512), **kw))
 
 
@@ -140,6 +147,46 @@ def time_models(name: str, steps: int, batch: int, seq: int, slnb_args: dict) ->
             if i >= 2:  # two warm-up steps
                 times[k].append(t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
+    """``adamw``, ``torch_muon`` (Muon on the blocks' 2-D weights, AdamW on the rest) or
+    ``slnb:KEY=VALUE,...``."""
+    if spec == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    if spec == "torch_muon":
+        import benchmark  # the benchmark's own pairing, so the two scripts time the same thing
+
+        prefix = {"gpt2": "transformer.h.", "llama": "model.layers."}.get(
+            model.config.model_type, "bert.encoder.")
+        return benchmark.torch_muon_optimizer(model, 1e-3, 0.01, prefix)
+    if spec == "slnb" or spec.startswith("slnb:"):
+        return make_optimizer("slnb", model, parse_kv(spec.partition(":")[2]))
+    raise ValueError(f"Invalid --side-by-side entry {spec!r}: 'adamw', 'torch_muon' or "
+                     "'slnb[:KEY=VALUE,...]'.")
+
+
+def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq: int) -> None:
+    """Mean step time of every spec (periodic work such as an inverse root every 10 steps
+    included), interleaved step by step in one process, per model."""
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}x{seq}, "
+          f"mean of {steps} steps after 2 warm-up steps, interleaved")
+    print("| model | " + " | ".join(f"{s} (s)" for s in specs) + " | " +
+          " | ".join(f"{s} / {specs[0]}" for s in specs[1:]) + " |")
+    print("|---" * (2 * len(specs)) + "|")
+    for name in names:
+        models = [build(name, seq) for _ in specs]
+        opts = [make_spec_optimizer(s, m) for s, m in zip(specs, models)]
+        data = torch.randint(0, models[0].config.vocab_size, (batch, seq))
+        times: list[list[float]] = [[] for _ in specs]
+        for i in range(steps + 2):
+            for k, (model, opt) in enumerate(zip(models, opts)):
+                t = one_step(model, opt, data)
+                if i >= 2:
+                    times[k].append(t)
+        med = [statistics.fmean(t) for t in times]
+        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in med) + " | " +
+              " | ".join(f"{m / med[0]:.2f}" for m in med[1:]) + " |", flush=True)
 
 
 def profile(name: str, batch: int, seq: int, slnb_args: dict) -> None:
@@ -542,6 +589,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="with --count-ops: warm-up steps")
     parser.add_argument("--vocab", type=int, default=512, help="with --count-ops: vocabulary size")
     parser.add_argument("--out", default=None, help="with --count-ops: write the counts as JSON")
+    parser.add_argument("--side-by-side", default=None, metavar="SPEC;SPEC;...",
+                        help="time these optimizers interleaved (the first is the baseline): "
+                        "'adamw', 'torch_muon', 'slnb[:KEY=VALUE,...]', separated by ';'")
     parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "OPT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -552,6 +602,10 @@ def main() -> None:
     args.models = args.models or "gpt2-tiny,gpt2-10m,minilm"
     if args.memory_worker:
         memory_worker(*args.memory_worker, 3, args.batch, args.seq, slnb_args)
+        return
+    if args.side_by_side:
+        side_by_side(args.models.split(","), args.side_by_side.split(";"), args.steps,
+                     args.batch, args.seq)
         return
     if args.profile:
         profile(args.profile, args.batch, args.seq, slnb_args)

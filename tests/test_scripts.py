@@ -258,7 +258,7 @@ def test_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @needs_scripts_extra
 @needs_shakespeare
 def test_benchmark_quick(tmp_path: Path) -> None:
-    optimizers = ["slnb", "adamw"]
+    optimizers = ["slnb", "adamw", "torch_muon"]
     if not _missing("schedulefree"):
         optimizers.append("schedulefree")
     if not _missing("pytorch_optimizer"):
@@ -294,6 +294,21 @@ def test_benchmark_quick(tmp_path: Path) -> None:
     assert "| slnb (cg_iters=1) |" in merged.stdout.replace("**", "")
     assert "| slnb (preset=paper) |" in merged.stdout.replace("**", "")
     assert "| adamw | 0.003 | 2 |" in merged.stdout.replace("**", "")  # one row, both copies
+
+
+@needs_scripts_extra
+@needs_shakespeare
+def test_benchmark_llama_task_with_the_whitened_preset(tmp_path: Path) -> None:
+    """The byte-level Llama task runs AdamW, torch's Muon and ``preset=whitened`` from one
+    initial model through the Trainer."""
+    run_script("benchmark.py", "--quick", "--tasks", "llama", "--optimizers",
+               "adamw,torch_muon,slnb", "--slnb-args", "preset=whitened",
+               "--output-dir", str(tmp_path / "bench"))
+    runs = json.loads((tmp_path / "bench" / "results.json").read_text())["tasks"]["llama"]["runs"]
+    assert sorted(r["optimizer"] for r in runs) == ["adamw", "slnb", "torch_muon"]
+    assert all(r["error"] is None for r in runs), [r["error"] for r in runs if r["error"]]
+    assert len({round(r["evals"][0][2], 5) for r in runs}) == 1
+    assert all(r["evals"][-1][2] < r["evals"][0][2] for r in runs)
 
 
 @needs_scripts_extra
