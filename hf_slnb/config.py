@@ -23,7 +23,9 @@ RIDGE_MODES = ("absolute", "relative")
 #: Step rules by their ``trust_region`` name (the classes are in :mod:`hf_slnb.step_rules`).
 TRUST_REGIONS = ("global", "tensor", "graft", "graft_row", "orth")
 #: Update directions by name (the classes are in :mod:`hf_slnb.directions`).
-DIRECTION_NAMES = ("diagonal", "pcg", "whitened_orth")
+DIRECTION_NAMES = ("diagonal", "pcg", "whitened_orth", "diag_whitened_orth")
+#: Directions that orthogonalise (the step rule ``orth`` scales them).
+ORTH_DIRECTIONS = ("whitened_orth", "diag_whitened_orth")
 PRESET_NAMES = ("graft", "paper", "whitened")
 
 
@@ -159,7 +161,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("direction", str, "the update direction of the layers: 'diagonal' (h = P g, SLNB's "
            "diagonal preconditioner), 'pcg' (the metric solved by conjugate gradient, the paper's) "
            "or 'whitened_orth' (orth(G C^-1/2) C^-1/2 with C each layer's input covariance: Muon "
-           "in whitened coordinates; hidden Linear/Conv1D layers only, others keep g).",
+           "in whitened coordinates; hidden Linear/Conv1D layers only, others keep g) or "
+           "'diag_whitened_orth' (the same with C's diagonal, SLNB's diagonal preconditioner: "
+           "Muon's cost).",
            _choice(DIRECTION_NAMES), DIRECTION_NAMES, state=True),
     Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
            "direction='diagonal', False direction='pcg'.", _flag, state=True),
@@ -170,8 +174,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("trust_region", str, "the step rule: 'global' (the paper: one unit step under the "
            "metric for the whole model; lr is its radius), 'tensor' (each tensor divided by its "
            "metric RMS, as in Adam-mini), 'graft' (each tensor's step has Adam's norm and SLNB's "
-           "direction) or 'graft_row' (Adam's norm per output row of each layer); with 'tensor', "
-           "'graft' and 'graft_row' lr is an Adam-like per-element step.",
+           "direction), 'graft_row' (Adam's norm per output row of each layer) or 'orth' (for an "
+           "orthogonalising direction: its layers' update has RMS 0.2 lr, Moonlight's match to "
+           "AdamW, and the rest takes Adam's step); with every rule but 'global' lr is AdamW-like.",
            _choice(TRUST_REGIONS), TRUST_REGIONS, state=True),
     Option("norm_decay", float, "decay of the per-tensor metric RMS ('tensor') or of Adam's "
            "squared gradients ('graft', 'graft_row'), in [0, 1).", _unit, state=True,
@@ -240,16 +245,16 @@ class SLNBConfig:
     def __post_init__(self) -> None:
         for option in OPTIONS:
             option.check(option.name, getattr(self, option.name), "")
-        if self.diagonal_only != (self.direction == "diagonal") and self.direction != \
-                "whitened_orth":
+        if self.diagonal_only != (self.direction == "diagonal") and self.direction not in \
+                ORTH_DIRECTIONS:
             raise ValueError(
                 f"Invalid diagonal_only={self.diagonal_only!r} with direction="
                 f"{self.direction!r}: diagonal_only=True is direction='diagonal' and False is "
                 "'pcg'; give one of them.")
-        if self.trust_region == "orth" and self.direction != "whitened_orth":
+        if self.trust_region == "orth" and self.direction not in ORTH_DIRECTIONS:
             raise ValueError(f"Invalid trust_region='orth' with direction={self.direction!r}: "
                              "it scales an orthogonalised direction; use "
-                             "direction='whitened_orth'.")
+                             "direction='whitened_orth' or 'diag_whitened_orth'.")
         patterns = tuple(p.pattern for p in compile_patterns(self.skip_modules))
         object.__setattr__(self, "skip_modules", patterns)
 
@@ -270,7 +275,7 @@ PRESETS: dict[str, SLNBConfig] = {
     "graft": SLNBConfig(),
     "paper": SLNBConfig(preset="paper", lr=0.1, direction="pcg", diagonal_only=False,
                         trust_region="global", ridge=0.1, ridge_mode="absolute"),
-    # Research (issue 13): lr is AdamW's; the whitened layers step 10x lr (Muon's lr).
+    # Issue 13: Muon in whitened coordinates on the hidden matrices, Adam elsewhere; lr is AdamW's.
     "whitened": SLNBConfig(preset="whitened", direction="whitened_orth", diagonal_only=False,
                            trust_region="orth", weight_decay=0.01),
 }

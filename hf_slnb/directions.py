@@ -21,6 +21,9 @@ from .config import register
 from .functional import Stack, conjugate_gradient, per_layer
 from .layers import symmetrized
 
+#: RMS of an orthogonalised layer update per unit lr (see :meth:`WhitenedOrth.size`).
+RMS = 0.2
+
 if TYPE_CHECKING:
     from .layers import Bank
     from .step import StepContext
@@ -142,15 +145,20 @@ class WhitenedOrth(Direction):
 
     ``C`` is each layer's centred input covariance (an EMA, decay :attr:`decay`, damped by
     :attr:`damping` times its mean eigenvalue), its inverse square root refreshed every
-    :attr:`refresh` steps by coupled Newton-Schulz (matmuls only: no host sync). With ``C = I``
+    :attr:`refresh` steps by coupled Newton-Schulz on accelerators (matmuls only: no host sync)
+    and by ``eigh`` on the CPU (there 10x cheaper at ``d >= 512``). With ``C = I``
     this is Muon's direction; it is Muon on the network whose layers whiten their inputs, which is
-    SLNB's reparameterisation view. The result has Muon's size (``|orth(.)|_F``, times Keller
-    Jordan's ``sqrt(max(1, out / in))``). Applies to hidden ``nn.Linear`` and HF ``Conv1D``
-    layers; embeddings, the output head, convolutions and sharded layers keep ``g`` (the step
+    SLNB's reparameterisation view. The result is scaled to Muon's size (``|orth(.)|_F``), then
+    to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
+    so ``lr`` is AdamW's for every parameter); the orthogonalisation runs in bfloat16 as Muon's does
+    (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to hidden
+    ``nn.Linear`` and HF ``Conv1D`` layers; embeddings, the output head, convolutions and sharded layers keep ``g`` (the step
     rule then gives them Adam's step, as Muon's authors do). Needs each layer's ``sum x x^T``.
     """
 
     name = "whitened_orth"
+    #: The orthogonalised update's RMS per unit lr (Moonlight, arXiv 2502.16982: AdamW's
+    #: typical update RMS), so that one lr, AdamW's, serves these layers and Adam's alike.
     state_keys = ("input_cov", "input_inv_sqrt")
     decay, damping, refresh, ns_iters = 0.95, 0.1, 10, 20
 
@@ -159,6 +167,12 @@ class WhitenedOrth(Direction):
         n = bank.neurons[0]
         return (n.kind in ("linear", "conv1d_hf") and not getattr(n, "is_head", False)
                 and not bank.layout.sharded)
+
+    @staticmethod
+    def size(m: Tensor) -> float:
+        """The factor that gives an orthogonalised ``(L, out, in)`` stack (RMS about
+        ``1 / sqrt(max(out, in))``) the RMS :data:`RMS`: Moonlight's match to AdamW's update."""
+        return RMS * math.sqrt(max(m.shape[1], m.shape[2]))
 
     def needs_moments(self, neuron: Any) -> bool:
         return neuron.kind in ("linear", "conv1d_hf") and not getattr(neuron, "is_head", False)
@@ -183,14 +197,47 @@ class WhitenedOrth(Direction):
             if bank.whiten_steps % self.refresh == 0:  # a host counter: no sync to decide
                 t = bank.stat_step.clamp(min=1.0).to(cov.dtype)  # bias-corrected EMA
                 damped = W.damp(cov / (1.0 - self.decay ** t), self.damping)
-                root.copy_(W.inverse_sqrt_newton_schulz(damped, self.ns_iters))
+                if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
+                    root.copy_(W.inverse_root_eigh(damped)[0])
+                else:  # matmuls only: eigh's error check would wait for the device
+                    root.copy_(W.inverse_sqrt_newton_schulz(damped, self.ns_iters))
             bank.whiten_steps += 1
             g = ctx.bank_grads(bank)
             last = bank.neurons[0].feature_axis == 1
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
-            u = W.whitened_orth(m, root) * math.sqrt(max(1.0, m.shape[1] / m.shape[2]))
+            u = W.whitened_orth(m, root, dtype=W.ns_dtype(m.dtype)) * self.size(m)
             h = u if last else u.transpose(1, 2)
             ctx.set_slab_direction(bank, h, stats.active)
+
+
+class DiagWhitenedOrth(WhitenedOrth):
+    """:class:`WhitenedOrth` with the diagonal of the input metric: ``orth(G D^{-1/2}) D^{-1/2}``.
+
+    ``D`` is SLNB's diagonal preconditioner's denominator (each feature's variance with
+    ``shrinkage`` of the mean variance mixed in; the mean square where a layer has no bias), from
+    the per-feature sums every preset keeps: no ``x xᵀ``, no inverse root, so its cost is Muon's.
+    """
+
+    name = "diag_whitened_orth"
+    state_keys = ()
+
+    def needs_moments(self, neuron: Any) -> bool:
+        return False
+
+    def bank_state(self, bank: Bank) -> dict[str, Tensor]:
+        return {}
+
+    def compute(self, ctx: StepContext) -> None:
+        for bank in ctx.banks:
+            if not self.applies(bank) or not ctx.captured[id(bank)]:
+                continue  # identity: h = g
+            stats = ctx.statistics(bank)
+            g = ctx.bank_grads(bank)
+            last = bank.neurons[0].feature_axis == 1
+            m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
+            u = W.diag_whitened_orth(m, stats.inv.to(m.dtype).sqrt(),
+                                     dtype=W.ns_dtype(m.dtype)) * self.size(m)
+            ctx.set_slab_direction(bank, u if last else u.transpose(1, 2), stats.active)
 
 
 def bank_whitening(bank: Bank) -> tuple[Tensor, Tensor]:
@@ -212,7 +259,7 @@ def register_direction(cls: type[Direction]) -> type[Direction]:
     return register(DIRECTIONS, cls, "direction")
 
 
-for _cls in (Direction, Diagonal, PCG, WhitenedOrth):
+for _cls in (Direction, Diagonal, PCG, WhitenedOrth, DiagWhitenedOrth):
     register_direction(_cls)
 
 

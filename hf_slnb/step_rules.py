@@ -172,19 +172,18 @@ class AdamGraft(StepRule):
 
 
 class OrthAdam(AdamGraft):
-    """For an orthogonalised direction (``direction='whitened_orth'``): its layers step by
-    :attr:`ratio` times ``lr`` with the direction's own (Muon) size, everything else takes
-    Adam's step at ``lr``, as Muon's authors pair them (their lrs differ about 10x: Muon 0.02
-    with AdamW 0.002-0.003, and 3e-2 with 3e-3 on this repository's GPT-2 benchmark)."""
+    """For an orthogonalised direction (``direction='whitened_orth'``): its layers take the
+    direction itself (RMS 0.2 per unit lr, Moonlight's match to AdamW), everything else takes
+    Adam's step, all at one ``lr``, AdamW's (Muon's authors pair an orthogonalised step on the
+    hidden matrices with Adam on embeddings, head, biases and norms)."""
 
     name = "orth"
-    ratio = 10.0
 
     def updates(self, ctx: StepContext) -> None:
         super().updates(ctx)  # Adam's direction everywhere; banks grafted, then replaced below
         for s in _bank_slabs(ctx):
             out = s.stack(s.arena.update)
-            u = ctx.h[id(s)] * self.ratio
+            u = ctx.h[id(s)]
             if ctx.all_captured(s):
                 out.copy_(u)
             else:

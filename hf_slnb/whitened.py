@@ -70,12 +70,23 @@ def inverse_sqrt_newton_schulz(c: torch.Tensor, iters: int = 30) -> torch.Tensor
     return z / norm.sqrt()
 
 
-def orthogonalize_ns5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def ns_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the optimizer's Newton-Schulz orthogonalisation runs in for parameters of
+    ``dtype``: bfloat16 for 32-bit and lower floats (as Muon does: about 3x faster on GPUs and on
+    CPUs with bf16 matmuls, and the map only needs the singular vectors roughly), the
+    parameter's own dtype for float64 (exact checks)."""
+    return dtype if dtype == torch.float64 else torch.bfloat16
+
+
+def orthogonalize_ns5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """Muon's quintic Newton-Schulz map: ``U p(S) Vᵀ`` for ``M / ‖M‖_F = U S Vᵀ`` (≈ ``U Vᵀ``).
 
-    ``p`` iterates ``s ← a s + b s³ + c s⁵`` ``steps`` times; runs in ``m``'s dtype (Muon's
-    bf16 is a speed choice for GPUs, not part of the map).
+    ``p`` iterates ``s ← a s + b s³ + c s⁵`` ``steps`` times, in ``dtype`` (default ``m``'s);
+    the result has ``m``'s dtype.
     """
+    if dtype is not None and dtype != m.dtype:
+        return orthogonalize_ns5(m.to(dtype), steps, eps).to(m.dtype)
     a, b, c = NS5_COEFFICIENTS
     x = m / (torch.linalg.matrix_norm(m, keepdim=True) + eps)
     tall = x.shape[-2] > x.shape[-1]
@@ -95,17 +106,29 @@ def row_normalize(u: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
-                  per_row: bool = False) -> torch.Tensor:
+                  per_row: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``orth(M C^{-1/2}) C^{-1/2}``, rescaled to ``‖orth(M C^{-1/2})‖_F`` (Muon's update size).
 
     The rescaling makes ``lr`` mean what it means for Muon whatever the scale of the inputs;
     with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
     """
-    o = orthogonalize_ns5(m @ c_inv_sqrt, steps)
+    o = orthogonalize_ns5(m @ c_inv_sqrt, steps, dtype=dtype)
     u = o @ c_inv_sqrt
     u = u * (torch.linalg.matrix_norm(o, keepdim=True)
              / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
     return row_normalize(u) if per_row else u
+
+
+def diag_whitened_orth(m: torch.Tensor, d_inv_sqrt: torch.Tensor, steps: int = 5,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``orth(M D^{-1/2}) D^{-1/2}`` for a diagonal ``D`` given as ``d_inv_sqrt`` ``(..., in)``,
+    rescaled to ``‖orth(M D^{-1/2})‖_F`` like :func:`whitened_orth` (which it equals for
+    ``C = diag(D)``)."""
+    s = d_inv_sqrt.unsqueeze(-2)
+    o = orthogonalize_ns5(m * s, steps, dtype=dtype)
+    u = o * s
+    return u * (torch.linalg.matrix_norm(o, keepdim=True)
+                / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
 
 
 def rotate(g: torch.Tensor, q_in: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:

@@ -98,7 +98,8 @@ def test_eigenbasis_adam_definition(two_sided):
 
 def test_whitened_orth_direction_class_equals_its_definition() -> None:
     """Core v2's ``direction='whitened_orth'`` (preset 'whitened') on one Linear, in float64:
-    ``W - 10 lr orth(G C^-1/2) C^-1/2`` (Muon's size), the bias with Adam's step."""
+    ``W - lr 0.2 sqrt(max(out, in)) orth(G C^-1/2) C^-1/2`` (Muon's size, then RMS 0.2: one
+    lr, AdamW's), the bias with Adam's step."""
     from torch import nn
 
     from hf_slnb import SLNB
@@ -116,8 +117,79 @@ def test_whitened_orth_direction_class_equals_its_definition() -> None:
     mean = x.mean(0)
     c = (x.T @ x) / x.shape[0] - torch.outer(mean, mean)
     root, _, _ = W.inverse_root_eigh(W.damp(c, 0.1))
-    u = W.whitened_orth(gw, root)  # out 4 <= in 6: Keller Jordan's factor is 1
-    torch.testing.assert_close(lin.weight.detach(), w0 - 10 * 1e-2 * u, rtol=1e-6, atol=1e-9)
+    u = W.whitened_orth(gw, root) * 0.2 * 6 ** 0.5  # RMS 0.2 for an exact orth of (4, 6)
+    torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(lin.bias.detach(), b0 - 1e-2 * gb / (gb.abs() + 1e-8),
                                rtol=1e-9, atol=1e-12)
     assert set(opt.state[lin.weight]) >= {"input_cov", "input_inv_sqrt", "momentum_buffer"}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_diag_whitened_orth_direction_class_equals_its_definition(bias: bool) -> None:
+    """``direction='diag_whitened_orth'`` on one Linear, in float64: ``orth(G D^-1/2) D^-1/2``
+    with ``D`` SLNB's diagonal metric (the features' variance with 0.1 of the mean variance mixed
+    in; plus the squared mean without a bias), at RMS 0.2 lr; the bias takes Adam's step."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 9, bias=bias).double()
+    x = torch.randn(50, 6, dtype=D) * torch.tensor([1.0, 5.0, 0.2, 2.0, 1.0, 3.0], dtype=D) + 1.5
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", direction="diag_whitened_orth",
+               momentum=0.0, weight_decay=0.0, lr=1e-2)
+    w0 = lin.weight.detach().clone()
+    lin(x).pow(3).mean().backward()
+    gw = lin.weight.grad.clone()
+    gb = lin.bias.grad.clone() if bias else None
+    b0 = lin.bias.detach().clone() if bias else None
+    opt.step()
+    mean = x.mean(0)
+    var = x.pow(2).mean(0) - mean * mean
+    d = 0.9 * var + 0.1 * var.mean()
+    if not bias:
+        d = d + mean * mean
+    r = torch.diag(d.rsqrt())
+    o = W.orthogonalize_ns5(gw @ r)
+    u = o @ r
+    u = u * torch.linalg.matrix_norm(o) / torch.linalg.matrix_norm(u) * 0.2 * 9 ** 0.5
+    torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+    if bias:
+        torch.testing.assert_close(lin.bias.detach(), b0 - 1e-2 * gb / (gb.abs() + 1e-8),
+                                   rtol=1e-9, atol=1e-12)
+    assert "input_cov" not in opt.state[lin.weight]  # no x x^T, no inverse root
+
+
+def test_layers_reading_one_input_share_its_product_and_each_get_their_covariance() -> None:
+    """q/k/v-style layers read one tensor: one ``x^T x`` serves them (``SharedGram``), and every
+    layer's input covariance still equals the dense one of its own input."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+            self.head = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.q(x)) * self.k(x)
+            return self.head(torch.tanh(self.o(h)))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(40, 5, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0], dtype=D) + 0.7
+    opt = SLNB(net.parameters(), model=net, preset="whitened")
+    net(x).pow(2).mean().backward()
+    with torch.no_grad():
+        h = torch.tanh(net.q(x)) * net.k(x)
+    opt.step()
+
+    def dense_cov(z: torch.Tensor) -> torch.Tensor:
+        zc = z - z.mean(0)
+        return zc.T @ zc / z.shape[0]
+
+    for layer, inp in ((net.q, x), (net.k, x), (net.o, h)):
+        torch.testing.assert_close(opt.state[layer.weight]["input_cov"],
+                                   (1 - 0.95) * dense_cov(inp), rtol=1e-10, atol=1e-12)

@@ -40,6 +40,11 @@ def describe_update(values: dict[str, Any]) -> str:
             "The direction of each hidden linear layer is Muon's orthogonalisation in whitened "
             "coordinates, `orth(G C^-1/2) C^-1/2`, with `C` the layer's input covariance (an "
             "EMA, damped); embeddings and the output head keep the identity metric.")
+    elif values.get("direction") == "diag_whitened_orth":
+        direction = (
+            "The direction of each hidden linear layer is Muon's orthogonalisation in "
+            "diagonally whitened coordinates, `orth(G D^-1/2) D^-1/2`, with `D` SLNB's diagonal "
+            "input metric; embeddings and the output head keep the identity metric.")
     elif values["diagonal_only"]:
         direction = (
             "The direction of each linear layer is its momentum gradient preconditioned by "
@@ -55,8 +60,8 @@ def describe_update(values: dict[str, Any]) -> str:
         direction += " Embeddings take the identity metric."
     rule = values["trust_region"]
     if rule == "orth":
-        step = ("The whitened layers step by 10 `lr` at the direction's own (Muon) size; every "
-                "other parameter takes Adam's step at `lr`.")
+        step = ("The whitened layers' update has RMS 0.2 `lr` (Moonlight's match to AdamW); "
+                "every other parameter takes Adam's step at `lr`: one lr, AdamW's.")
     elif rule == "global":
         step = ("The whole update is one step of metric length `lr` (a trust-region radius), "
                 "as published.")

@@ -13,6 +13,8 @@ statistics are rows of stacked tensors, so that one kernel serves the whole bank
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,30 @@ def add_gram_upper(gram: Tensor, x: Tensor, block: int = GRAM_BLOCK) -> None:
         return
     for i in range(0, d, block):
         gram[i : i + block, i:].addmm_(x[:, i : i + block].T, x[:, i:])
+
+
+class SharedGram(threading.local):
+    """The last input's ``x^T x`` (upper blocks), so that layers reading one tensor (a Llama's or
+    BERT's q/k/v, a Llama's gate/up) pay for one product: their capture hooks fire one after
+    another in the backward pass. Keyed by the input's identity and version through a weak
+    reference (a freed input never matches, and is never kept alive)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, int, torch.dtype] | None = None
+        self._gram: Tensor | None = None
+
+    def add_to(self, gram: Tensor, x: Tensor, d: int) -> None:
+        """``gram += x^T x`` (upper blocks), reusing the product of the same input."""
+        key = self._key
+        if key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype:
+            prod = torch.zeros_like(gram)
+            add_gram_upper(prod, x.reshape(-1, d).to(gram.dtype))
+            self._key, self._gram = (weakref.ref(x), x._version, gram.dtype), prod
+        gram.add_(self._gram)
+
+
+#: One per thread (a backward pass runs its hooks on one thread per device).
+SHARED_GRAM = SharedGram()
 
 
 def gram_upper_blocks(gram: Tensor, block: int = GRAM_BLOCK) -> list[Tensor]:

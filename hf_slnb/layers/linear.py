@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import Vec, precondition_stacked
-from .base import Neuron, add_gram_upper, register_layer, symmetrized
+from .base import SHARED_GRAM, Neuron, register_layer, symmetrized
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -45,7 +45,7 @@ class LinearNeuron(Neuron):
         if diagonal_only:
             return
         if cap.gram is not None:
-            add_gram_upper(cap.gram, x.reshape(-1, d).to(dt))
+            SHARED_GRAM.add_to(cap.gram, x, d)
         else:
             self._keep(cap, x, rows)
             self._fold_if_cheaper(cap, distributed)
