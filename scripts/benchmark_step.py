@@ -73,19 +73,22 @@ def make_optimizer(kind: str, model: torch.nn.Module, slnb_args: dict[str, Any])
 def comm_floats(name: str, batch: int, seq: int, slnb_args: dict[str, Any]) -> tuple[int, int]:
     """Floats SLNB all-reduces per step in data parallel, and floats of the gradient all-reduce."""
     from hf_slnb.layers import ConvNeuron
+    from hf_slnb.layers.base import gram_upper_blocks
 
     model = build(name, seq)
     opt = make_optimizer("slnb", model, slnb_args)
     data = torch.randint(0, model.config.vocab_size, (batch, seq))
     model(input_ids=data, labels=data).loss.backward()
+    diagonal_only = opt.config.diagonal_only
     extra = 0
     for n in opt.neurons:
         if n.capture is None:
             continue
-        if n.capture.gram is None and n.supports_explicit and not opt.diagonal_only:
-            n.capture = n._new_capture(True)  # what a data-parallel run would choose
-        extra += sum(t.numel() for t in n.capture.tensors())
-        if isinstance(n, ConvNeuron) and not opt.diagonal_only:  # products reduced per PCG iteration
+        extra += 2 * n.num_features + 2  # the bank rows (sums of x and x^2) and the counts
+        if n.needs_moments and n.supports_explicit:  # what a data-parallel run sums: the gram
+            d = n.num_features
+            extra += sum(t.numel() for t in gram_upper_blocks(torch.empty(d, d)))
+        if isinstance(n, ConvNeuron) and not diagonal_only:  # products reduced per PCG iteration
             extra += (opt.param_groups[0]["cg_iters"] + 1) * (n.weight.numel() + (
                 n.bias.numel() if n.bias is not None else 0))
     grads = sum(p.numel() for p in model.parameters() if p.grad is not None)
