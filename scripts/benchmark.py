@@ -215,16 +215,11 @@ def llama_task(quick: bool) -> TaskSpec:
 
         return train_rows, eval_rows, make_model, default_data_collator, None
 
-    return TaskSpec(
-        name="llama", title="byte-level Llama (4x128) on Shakespeare",
-        steps=4 if quick else 400, eval_every=2 if quick else 25, batch_size=4 if quick else 16,
-        eval_batch_size=32, scheduler="cosine", warmup=0.05, weight_decay=0.01,
-        lrs={"slnb": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2],
-             "schedulefree": [1e-3, 3e-3, 1e-2], "soap": [1e-3, 3e-3, 1e-2],
-             "muon": [0.01, 0.03, 0.1], "torch_muon": [1e-3, 3e-3, 1e-2]},
-        slnb_radius_lrs=[0.1, 0.3, 1.0], muon_aux_lr=3e-3, build=build,
-        blocks_prefix="model.layers.",
-    )
+    # clm's budget, schedule and sweeps; 400 steps (bytes carry less than BPE tokens).
+    return dataclasses.replace(clm_task(quick), name="llama",
+                               title="byte-level Llama (4x128) on Shakespeare",
+                               steps=4 if quick else 400, build=build,
+                               blocks_prefix="model.layers.")
 
 
 # ---------------------------------------------------------------------------------------------
