@@ -144,7 +144,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("preset", str, "'graft' (default: SLNB's diagonal direction with Adam's step size per "
            "output row), 'paper' (the published algorithm, ALGORITHM.md, exactly) or 'whitened' "
            "(issue 13: orthogonalisation in whitened coordinates for the hidden layers, Adam "
-           "elsewhere; best measured for pretraining without dropout, fails with it). Sets "
+           "elsewhere; best measured for pretraining, fails at fine-tuning MiniLM). Sets "
            "every option below that is not given.",
            _choice(PRESET_NAMES), PRESET_NAMES, state=True),
     Option("lr", float, "with trust_region='global' the trust-region radius (the metric length "

@@ -86,13 +86,6 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             warnings.warn(no_effect_message(config, idle), UserWarning, stacklevel=2)
         for i, group in enumerate(self.param_groups):
             self._warn_cg_iters(group, i)
-        if config.direction == "whitened_orth" and any(
-                isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
-            warnings.warn(
-                "SLNB direction='whitened_orth' (preset 'whitened') on a model with dropout: in "
-                "the MiniLM fine-tuning benchmark it did not learn with dropout active "
-                "(BENCHMARKS.md, issue 13 round 3). Set the model's dropout to 0 or use the "
-                "default preset.", UserWarning, stacklevel=2)
         self.model, self.process_group = model, process_group
         self.direction = direction_for(config)
         self.rule = step_rule(config.trust_region)(config)

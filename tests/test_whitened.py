@@ -193,21 +193,3 @@ def test_layers_reading_one_input_share_its_product_and_each_get_their_covarianc
     for layer, inp in ((net.q, x), (net.k, x), (net.o, h)):
         torch.testing.assert_close(opt.state[layer.weight]["input_cov"],
                                    (1 - 0.95) * dense_cov(inp), rtol=1e-10, atol=1e-12)
-
-
-def test_whitened_preset_warns_on_a_model_with_dropout() -> None:
-    """It failed to learn with dropout active (MiniLM benchmark): say so at construction."""
-    import warnings
-
-    from torch import nn
-
-    from hf_slnb import SLNB
-
-    with_dropout = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 1))
-    with pytest.warns(UserWarning, match="dropout"):
-        SLNB(with_dropout.parameters(), model=with_dropout, preset="whitened")
-    without = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0), nn.Linear(4, 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        SLNB(without.parameters(), model=without, preset="whitened")
-        SLNB(with_dropout.parameters(), model=with_dropout)  # the default preset: no warning
