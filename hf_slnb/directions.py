@@ -21,7 +21,8 @@ from .config import register
 from .functional import Stack, conjugate_gradient, per_layer
 from .layers import symmetrized
 
-#: RMS of an orthogonalised layer update per unit lr (see :meth:`WhitenedOrth.size`).
+#: RMS of an orthogonalised layer update per unit lr (Moonlight, arXiv 2502.16982: AdamW's
+#: typical update RMS), so that one lr, AdamW's, serves these layers and Adam's alike.
 RMS = 0.2
 
 if TYPE_CHECKING:
@@ -152,13 +153,12 @@ class WhitenedOrth(Direction):
     to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
     so ``lr`` is AdamW's for every parameter); the orthogonalisation runs in bfloat16 as Muon's does
     (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to hidden
-    ``nn.Linear`` and HF ``Conv1D`` layers; embeddings, the output head, convolutions and sharded layers keep ``g`` (the step
-    rule then gives them Adam's step, as Muon's authors do). Needs each layer's ``sum x x^T``.
+    ``nn.Linear`` and HF ``Conv1D`` layers; embeddings, the output head, convolutions and sharded
+    layers keep ``g`` (the step rule then gives them Adam's step, as Muon's authors do). Needs
+    each layer's ``sum x x^T``.
     """
 
     name = "whitened_orth"
-    #: The orthogonalised update's RMS per unit lr (Moonlight, arXiv 2502.16982: AdamW's
-    #: typical update RMS), so that one lr, AdamW's, serves these layers and Adam's alike.
     state_keys = ("input_cov", "input_inv_sqrt")
     decay, damping, refresh, ns_iters = 0.95, 0.1, 10, 20
 

@@ -113,10 +113,14 @@ def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
     with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
     """
     o = orthogonalize_ns5(m @ c_inv_sqrt, steps, dtype=dtype)
-    u = o @ c_inv_sqrt
-    u = u * (torch.linalg.matrix_norm(o, keepdim=True)
-             / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
+    u = _sized_like(o @ c_inv_sqrt, o)
     return row_normalize(u) if per_row else u
+
+
+def _sized_like(u: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``u`` rescaled to ``o``'s Frobenius norm (per matrix)."""
+    return u * (torch.linalg.matrix_norm(o, keepdim=True)
+                / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
 
 
 def diag_whitened_orth(m: torch.Tensor, d_inv_sqrt: torch.Tensor, steps: int = 5,
@@ -126,9 +130,7 @@ def diag_whitened_orth(m: torch.Tensor, d_inv_sqrt: torch.Tensor, steps: int = 5
     ``C = diag(D)``)."""
     s = d_inv_sqrt.unsqueeze(-2)
     o = orthogonalize_ns5(m * s, steps, dtype=dtype)
-    u = o * s
-    return u * (torch.linalg.matrix_norm(o, keepdim=True)
-                / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
+    return _sized_like(o * s, o)
 
 
 def rotate(g: torch.Tensor, q_in: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
