@@ -21,6 +21,22 @@ from .config import compile_patterns
 from .layers import Bank, Neuron, is_hf_conv1d, neuron_for
 
 
+def block_members(model: nn.Module) -> set[str]:
+    """Qualified names of the modules inside a repeated block: a member of an ``nn.ModuleList``
+    or ``nn.Sequential`` that has modules of its own (a transformer layer), not a bare layer (an
+    MLP's ``Linear``). A pooler or classifier beside the blocks is not inside one."""
+    out: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        for child_name, child in module.named_children():
+            if next(child.children(), None) is None:
+                continue
+            prefix = f"{name}.{child_name}" if name else child_name
+            out.update(f"{prefix}.{sub}" if sub else prefix for sub, _ in child.named_modules())
+    return out
+
+
 class ModelBinding:
     """The model side of :class:`hf_slnb.SLNB` (see the module docstring)."""
 
@@ -112,9 +128,16 @@ class ModelBinding:
         sharded layer is a bank of its own. Captured sums are carried into the new banks."""
         self._group_of_param = {id(p): g for g in self.param_groups for p in g["params"]}
         old = {id(n): (n.capture, n.bank, n.row) for n in self.neurons}
+        heads = {id(n) for n, _ in hooks.head_sources(self.model, self.neurons)}
+        blocks = block_members(self.model)
+        any_block = any(n.name in blocks for n in self.neurons)
+        for n in self.neurons:
+            n.is_head = id(n) in heads
+            n.in_block = n.name in blocks or not any_block
         by_key: dict[tuple[Any, ...], list[Neuron]] = {}
         for n in self.neurons:
-            key = n.bank_key() + self._group_options(n.weight)
+            key = (n.bank_key() + self.direction.bank_key(n)
+                   + self._group_options(n.weight))
             if sharding.distributed.is_dtensor(n.weight):
                 key += (id(n),)
             by_key.setdefault(key, []).append(n)
@@ -126,9 +149,7 @@ class ModelBinding:
             bank.layout = sharding.layout_for(members[0], self.config.diagonal_only,
                                               self._shard_group)
             self.banks.append(bank)
-        heads = {id(n) for n, _ in hooks.head_sources(self.model, self.neurons)}
         for n in self.neurons:
-            n.is_head = id(n) in heads
             n.needs_moments = self.direction.needs_moments(n)
             if n.needs_moments and self.config.direction == "whitened_orth":
                 n.backend = "explicit"  # the whitening needs every step's sum x x^T

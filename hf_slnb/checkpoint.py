@@ -117,8 +117,9 @@ class Checkpointing:
                 "written by an older hf_slnb), and its state shows options other than this "
                 f"optimizer's ({lines}). Build the optimizer with the options it was trained "
                 "with and load it again.")
-        # Old checkpoints predate 'direction': their diagonal_only says it.
-        unchecked = [k for k in STATE_OPTIONS if k not in shown
+        # Old checkpoints predate 'direction' (their diagonal_only says it) and the
+        # orthogonalising directions (so 'orth_layers' picks nothing for them).
+        unchecked = [k for k in STATE_OPTIONS if k not in shown and k != "orth_layers"
                      and not (k == "direction" and "diagonal_only" in shown)]
         warnings.warn(
             "SLNB.load_state_dict: this checkpoint does not record its options (it was written "
@@ -142,6 +143,16 @@ class Checkpointing:
                         want = None if neuron is None else (neuron.num_features,)
                     elif key in ("input_cov", "input_inv_sqrt"):
                         want = None if neuron is None else (neuron.num_features,) * 2
+                        takes = getattr(self.direction, "takes", None)  # type: ignore[attr-defined]
+                        if neuron is not None and (takes is None or not takes(neuron)):
+                            raise ValueError(
+                                f"Cannot load this SLNB checkpoint: it keeps an input covariance "
+                                f"for parameter {self._names.get(id(p), '?')!r}, which this "  # type: ignore[attr-defined]
+                                f"optimizer does not orthogonalise (direction="
+                                f"{self.config.direction!r}, orth_layers="  # type: ignore[attr-defined]
+                                f"{self.config.orth_layers!r}). It was written with "  # type: ignore[attr-defined]
+                                "orth_layers='hidden' (the only rule before that option): build "
+                                "the optimizer with orth_layers='hidden' and load it again.")
                     else:
                         want = () if key == "metric_sq" else tuple(p.shape)
                     if want is not None and tuple(value.shape) != want:

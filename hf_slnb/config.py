@@ -27,6 +27,8 @@ DIRECTION_NAMES = ("diagonal", "pcg", "whitened_orth", "diag_whitened_orth")
 #: Directions that orthogonalise (the step rule ``orth`` scales them).
 ORTH_DIRECTIONS = ("whitened_orth", "diag_whitened_orth")
 PRESET_NAMES = ("graft", "paper", "whitened")
+#: Which layers an orthogonalising direction takes (``orth_layers``).
+ORTH_LAYERS = ("blocks", "hidden")
 
 
 def _real(name: str, value: Any, where: str) -> float:
@@ -107,6 +109,10 @@ def _pcg(c: SLNBConfig) -> bool:
     return c.direction == "pcg"
 
 
+def _orth(c: SLNBConfig) -> bool:
+    return c.direction in ORTH_DIRECTIONS
+
+
 def _graft_or_tensor(c: SLNBConfig) -> bool:
     return c.trust_region != "global"
 
@@ -143,8 +149,8 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("preset", str, "'graft' (default: SLNB's diagonal direction with Adam's step size per "
            "output row), 'paper' (the published algorithm, ALGORITHM.md, exactly) or 'whitened' "
-           "(issue 13: orthogonalisation in whitened coordinates for the hidden layers, Adam "
-           "elsewhere; best measured for pretraining, fails at fine-tuning MiniLM). Sets "
+           "(issue 13: orthogonalisation in whitened coordinates for the layers of the repeated "
+           "blocks, Adam's step elsewhere; see BENCHMARKS.md). Sets "
            "every option below that is not given.",
            _choice(PRESET_NAMES), PRESET_NAMES, state=True),
     Option("lr", float, "with trust_region='global' the trust-region radius (the metric length "
@@ -162,10 +168,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("direction", str, "the update direction of the layers: 'diagonal' (h = P g, SLNB's "
            "diagonal preconditioner), 'pcg' (the metric solved by conjugate gradient, the paper's) "
            "or 'whitened_orth' (orth(G C^-1/2) C^-1/2 with C each layer's input covariance: Muon "
-           "in whitened coordinates; hidden Linear/Conv1D layers only, others keep g) or "
+           "in whitened coordinates; the Linear/Conv1D layers orth_layers picks, others keep g) or "
            "'diag_whitened_orth' (the same with C's diagonal, SLNB's diagonal preconditioner: "
            "Muon's cost).",
            _choice(DIRECTION_NAMES), DIRECTION_NAMES, state=True),
+    Option("orth_layers", str, "the Linear/Conv1D layers an orthogonalising direction takes: "
+           "'blocks' (those inside a repeated block, a member of an nn.ModuleList or "
+           "nn.Sequential that is a module of its own, such as a transformer layer; a model with "
+           "no such layer uses 'hidden'), as Muon's authors do, or 'hidden' (every one but the "
+           "language-model head, so also a classifier and a pooler). The others take Adam's step.",
+           _choice(ORTH_LAYERS), ORTH_LAYERS, state=True, acts=_orth,
+           why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
+           "picks layers"),
     Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
            "direction='diagonal', False direction='pcg'.", _flag, state=True),
     Option("precondition_embeddings", bool, "give nn.Embedding its exact metric (token "
@@ -212,7 +226,8 @@ OPTION = {o.name: o for o in OPTIONS}
 GROUP_KEYS = tuple(o.name for o in OPTIONS if o.per_group)
 #: Options that give the state its meaning: a checkpoint loads only with equal values.
 STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
-                 "precondition_embeddings", "skip_modules", "norm_decay", "direction")
+                 "precondition_embeddings", "skip_modules", "norm_decay", "direction",
+                 "orth_layers")
 assert set(STATE_OPTIONS) == {o.name for o in OPTIONS if o.state}
 #: Options recorded in a checkpoint that may change on resume (the loader's own are used).
 FREE_OPTIONS = tuple(o.name for o in OPTIONS if not o.state and not o.per_group)
@@ -230,6 +245,7 @@ class SLNBConfig:
     shrinkage: float = 0.1
     weight_decay: float = 1e-4
     direction: str = "diagonal"
+    orth_layers: str = "blocks"
     diagonal_only: bool = True
     precondition_embeddings: bool = True
     skip_modules: tuple[str, ...] = ()

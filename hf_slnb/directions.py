@@ -53,6 +53,11 @@ class Direction:
             self.commit(bank, h, stats.active & ctx.live)
             ctx.set_bank_direction(bank, h, stats.active)
 
+    def bank_key(self, neuron: Any) -> tuple[Any, ...]:
+        """What, beside type, shape and options, keeps layers in separate banks (layers that
+        this direction treats differently)."""
+        return ()
+
     def bank_state(self, bank: Bank) -> dict[str, Tensor]:
         """Per-layer state stacks ``(L, ...)`` this direction keeps in a bank (published as
         views in ``optimizer.state[weight]``, copied back after a load)."""
@@ -152,21 +157,29 @@ class WhitenedOrth(Direction):
     SLNB's reparameterisation view. The result is scaled to Muon's size (``|orth(.)|_F``), then
     to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
     so ``lr`` is AdamW's for every parameter); the orthogonalisation runs in bfloat16 as Muon's does
-    (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to hidden
-    ``nn.Linear`` and HF ``Conv1D`` layers; embeddings, the output head, convolutions and sharded
-    layers keep ``g`` (the step rule then gives them Adam's step, as Muon's authors do). Needs
-    each layer's ``sum x x^T``.
+    (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to the
+    ``nn.Linear`` and HF ``Conv1D`` layers that ``orth_layers`` picks (by default those inside
+    the repeated blocks: a classifier or pooler beside them is left out, as Muon's authors leave
+    out everything but the hidden matrices); embeddings, heads, convolutions and sharded layers
+    keep ``g`` (the step rule then gives them Adam's step). Needs each layer's ``sum x x^T``.
     """
 
     name = "whitened_orth"
     state_keys = ("input_cov", "input_inv_sqrt")
     decay, damping, refresh, ns_iters = 0.95, 0.1, 10, 20
 
-    @staticmethod
-    def applies(bank: Bank) -> bool:
-        n = bank.neurons[0]
-        return (n.kind in ("linear", "conv1d_hf") and not getattr(n, "is_head", False)
-                and not bank.layout.sharded)
+    def takes(self, neuron: Any) -> bool:
+        """Whether ``neuron`` is one of the layers this direction orthogonalises
+        (``orth_layers``: the hidden ``Linear``/``Conv1D`` layers inside repeated blocks, or
+        all of them)."""
+        return (neuron.kind in ("linear", "conv1d_hf") and not getattr(neuron, "is_head", False)
+                and (self.config.orth_layers == "hidden" or getattr(neuron, "in_block", True)))
+
+    def bank_key(self, neuron: Any) -> tuple[Any, ...]:
+        return (self.takes(neuron),)
+
+    def applies(self, bank: Bank) -> bool:
+        return self.takes(bank.neurons[0]) and not bank.layout.sharded
 
     @staticmethod
     def size(m: Tensor) -> float:
@@ -175,7 +188,7 @@ class WhitenedOrth(Direction):
         return RMS * math.sqrt(max(m.shape[1], m.shape[2]))
 
     def needs_moments(self, neuron: Any) -> bool:
-        return neuron.kind in ("linear", "conv1d_hf") and not getattr(neuron, "is_head", False)
+        return self.takes(neuron)
 
     def bank_state(self, bank: Bank) -> dict[str, Tensor]:
         if not self.applies(bank):

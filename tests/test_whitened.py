@@ -193,3 +193,95 @@ def test_layers_reading_one_input_share_its_product_and_each_get_their_covarianc
     for layer, inp in ((net.q, x), (net.k, x), (net.o, h)):
         torch.testing.assert_close(opt.state[layer.weight]["input_cov"],
                                    (1 - 0.95) * dense_cov(inp), rtol=1e-10, atol=1e-12)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(x))
+
+
+class _Classifier(torch.nn.Module):
+    """Two repeated blocks, then a pooler and a classifier beside them (BERT's shape), the
+    pooler the same shape as the blocks' layers."""
+
+    def __init__(self, d: int = 5) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(d) for _ in range(2))
+        self.pooler = torch.nn.Linear(d, d)
+        self.classifier = torch.nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.classifier(torch.tanh(self.pooler(x)))
+
+
+def _one_step(net: torch.nn.Module, **options: object) -> tuple[object, dict, dict]:
+    from hf_slnb import SLNB
+
+    x = torch.randn(30, 5, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0], dtype=D) + 0.7
+    opt = SLNB(net.parameters(), model=net, preset="whitened", momentum=0.0, weight_decay=0.0,
+               lr=1e-2, **options)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    torch.nn.functional.cross_entropy(net(x), torch.arange(30) % 2).backward()
+    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+    opt.step()
+    return opt, before, grads
+
+
+@pytest.mark.parametrize("orth_layers", ["blocks", "hidden"])
+def test_orth_layers_picks_the_layers_inside_repeated_blocks(orth_layers: str) -> None:
+    """``orth_layers='blocks'`` (the whitened preset's): only the Linear layers inside the
+    ModuleList's blocks are orthogonalised; the pooler (banked apart although it has their shape)
+    and the classifier take Adam's step, ``lr g / (|g| + eps)`` on the first step, as Muon's
+    authors do. ``'hidden'`` orthogonalises them too (the rule that failed to fine-tune MiniLM)."""
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    opt, before, grads = _one_step(net, orth_layers=orth_layers)
+    params = dict(net.named_parameters())
+    orthogonalised = {n for n, p in params.items() if "input_cov" in opt.state[p]}
+    blocks = {"blocks.0.fc.weight", "blocks.1.fc.weight"}
+    assert orthogonalised == (blocks if orth_layers == "blocks" else
+                              blocks | {"pooler.weight", "classifier.weight"})
+    for name in ("pooler.weight", "classifier.weight"):
+        adam = before[name] - 1e-2 * grads[name] / (grads[name].abs() + 1e-8)
+        if orth_layers == "blocks":
+            torch.testing.assert_close(params[name].detach(), adam, rtol=1e-9, atol=1e-12)
+        else:
+            assert not torch.allclose(params[name].detach(), adam)
+
+
+def test_orth_layers_falls_back_to_every_hidden_layer_without_blocks() -> None:
+    """A model with no repeated block (a plain MLP in one nn.Sequential) orthogonalises every
+    hidden layer, as 'hidden' does; the model's last Linear is no language-model head."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Tanh(),
+                              torch.nn.Linear(5, 2)).double()
+    opt, _, _ = _one_step(net)
+    assert all("input_cov" in opt.state[m.weight] for m in (net[0], net[2]))
+
+
+def test_orth_layers_is_checked_and_recorded() -> None:
+    """A bad value is refused naming the allowed ones; a checkpoint of 'hidden' (or of an
+    hf_slnb before the option, which kept covariances for the pooler) is refused by 'blocks'."""
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    with pytest.raises(ValueError, match=r"orth_layers='all'.*\('blocks', 'hidden'\)"):
+        SLNB(net.parameters(), model=net, preset="whitened", orth_layers="all")
+    opt, _, _ = _one_step(net, orth_layers="hidden")
+    state = opt.state_dict()
+    opt.remove_hooks()
+    fresh = SLNB(net.parameters(), model=net, preset="whitened")
+    with pytest.raises(ValueError, match=r"orth_layers: checkpoint 'hidden'"):
+        fresh.load_state_dict(state)
+    for group in state["param_groups"]:
+        del group["slnb"]["orth_layers"]  # written before the option existed
+    with pytest.raises(ValueError, match=r"input covariance for parameter 'pooler.weight'.*"
+                                         r"orth_layers='hidden'"):
+        fresh.load_state_dict(state)
