@@ -153,6 +153,7 @@ class ModelBinding:
             n.needs_moments = self.direction.needs_moments(n)
             if n.needs_moments and self.config.direction == "whitened_orth":
                 n.backend = "explicit"  # the whitening needs every step's sum x x^T
+                n.gram_rows = self.config.cov_rows
         for n in self.neurons:
             cap, bank, row = old[id(n)]
             ref = weakref.ref(self)

@@ -64,6 +64,11 @@ def _count(name: str, value: Any, where: str) -> None:
         raise ValueError(f"Invalid {name}={value!r}{where}: must be an integer >= 0.")
 
 
+def _positive(name: str, value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}={value!r}{where}: must be an integer >= 1.")
+
+
 def _flag(name: str, value: Any, where: str) -> None:
     if not isinstance(value, bool):  # bool("false") is True
         raise ValueError(  # noqa: TRY004 - bad input is a ValueError here, whatever its type
@@ -111,6 +116,10 @@ def _pcg(c: SLNBConfig) -> bool:
 
 def _orth(c: SLNBConfig) -> bool:
     return c.direction in ORTH_DIRECTIONS
+
+
+def _whitening(c: SLNBConfig) -> bool:
+    return c.direction == "whitened_orth"
 
 
 def _graft_or_tensor(c: SLNBConfig) -> bool:
@@ -180,6 +189,16 @@ OPTIONS: tuple[Option, ...] = (
            _choice(ORTH_LAYERS), ORTH_LAYERS, state=True, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "picks layers"),
+    Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "
+           "C^-1/2 for direction='whitened_orth' (an eigendecomposition on the CPU, "
+           "Newton-Schulz on accelerators), integer >= 1.", _positive, acts=_whitening,
+           why_not="only direction='whitened_orth' keeps an inverse root"),
+    Option("cov_rows", int, "at most this many input positions (tokens) per forward, evenly "
+           "strided, enter the x x^T of a layer with direction='whitened_orth' (rescaled to "
+           "every position); 0 takes all. The covariance is an average over steps, so a few "
+           "hundred positions per step estimate it and cut its cost, d^2 per position. "
+           "Integer >= 0.", _count, acts=_whitening,
+           why_not="only direction='whitened_orth' keeps x x^T for the whitening"),
     Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
            "direction='diagonal', False direction='pcg'.", _flag, state=True),
     Option("precondition_embeddings", bool, "give nn.Embedding its exact metric (token "
@@ -246,6 +265,8 @@ class SLNBConfig:
     weight_decay: float = 1e-4
     direction: str = "diagonal"
     orth_layers: str = "blocks"
+    whiten_every: int = 10
+    cov_rows: int = 0
     diagonal_only: bool = True
     precondition_embeddings: bool = True
     skip_modules: tuple[str, ...] = ()

@@ -151,7 +151,7 @@ class WhitenedOrth(Direction):
 
     ``C`` is each layer's centred input covariance (an EMA, decay :attr:`decay`, damped by
     :attr:`damping` times its mean eigenvalue), its inverse square root refreshed every
-    :attr:`refresh` steps by coupled Newton-Schulz on accelerators (matmuls only: no host sync)
+    ``whiten_every`` steps by coupled Newton-Schulz on accelerators (matmuls only: no host sync)
     and by ``eigh`` on the CPU (there 10x cheaper at ``d >= 512``). With ``C = I``
     this is Muon's direction; it is Muon on the network whose layers whiten their inputs, which is
     SLNB's reparameterisation view. The result is scaled to Muon's size (``|orth(.)|_F``), then
@@ -166,7 +166,7 @@ class WhitenedOrth(Direction):
 
     name = "whitened_orth"
     state_keys = ("input_cov", "input_inv_sqrt")
-    decay, damping, refresh, ns_iters = 0.95, 0.1, 10, 20
+    decay, damping, ns_iters = 0.95, 0.1, 20
 
     def takes(self, neuron: Any) -> bool:
         """Whether ``neuron`` is one of the layers this direction orthogonalises
@@ -207,7 +207,7 @@ class WhitenedOrth(Direction):
             c_b = W.centred_second_moment(bank.sum_x, grams, ctx.counts[id(bank)][0][:, 0])
             keep = per_layer(stats.active & ctx.live, cov)
             torch.where(keep, torch.lerp(cov, c_b, 1.0 - self.decay), cov, out=cov)
-            if bank.whiten_steps % self.refresh == 0:  # a host counter: no sync to decide
+            if bank.whiten_steps % self.config.whiten_every == 0:  # a host counter: no sync to decide
                 t = bank.stat_step.clamp(min=1.0).to(cov.dtype)  # bias-corrected EMA
                 damped = W.damp(cov / (1.0 - self.decay ** t), self.damping)
                 if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps

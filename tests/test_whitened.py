@@ -285,3 +285,50 @@ def test_orth_layers_is_checked_and_recorded() -> None:
     with pytest.raises(ValueError, match=r"input covariance for parameter 'pooler.weight'.*"
                                          r"orth_layers='hidden'"):
         fresh.load_state_dict(state)
+
+
+def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() -> None:
+    """``cov_rows=10`` on 40 positions: ``x^T x`` from every 4th row times 4, the mean from all of
+    them (dense float64); layers that share the input still share the subsampled product."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"q": nn.Linear(5, 5), "k": nn.Linear(5, 5)}).double()
+    x = torch.randn(2, 20, 5, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0], dtype=D) + 0.7
+    opt = SLNB(net.parameters(), model=net, preset="whitened", cov_rows=10)
+    (net["q"](x) * net["k"](x)).pow(2).mean().backward()
+    opt.step()
+    flat = x.reshape(40, 5)
+    sub = flat[::4]
+    mean = flat.mean(0)
+    cov = sub.T @ sub * 4 / 40 - torch.outer(mean, mean)
+    for layer in (net["q"], net["k"]):
+        torch.testing.assert_close(opt.state[layer.weight]["input_cov"], (1 - 0.95) * cov,
+                                   rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_whiten_every_sets_when_the_inverse_root_is_refreshed(every: int) -> None:
+    """The stored ``C^-1/2`` is the dense inverse root of the damped, bias-corrected covariance
+    EMA as it stood at the last refresh (steps 0, every, 2 every, ...), not after."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", whiten_every=every)
+    cov = torch.zeros(4, 4, dtype=D)
+    for step in range(4):
+        x = torch.randn(30, 4, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=D) + step
+        lin(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        m = x.mean(0)
+        cov = 0.95 * cov + 0.05 * (x.T @ x / 30 - torch.outer(m, m))
+        if step % every == 0:
+            expected = W.inverse_root_eigh(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))[0]
+        torch.testing.assert_close(opt.state[lin.weight]["input_inv_sqrt"], expected,
+                                   rtol=1e-8, atol=1e-10)

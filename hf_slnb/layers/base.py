@@ -55,16 +55,25 @@ class SharedGram(threading.local):
     reference (a freed input never matches, and is never kept alive)."""
 
     def __init__(self) -> None:
-        self._key: tuple[Any, int, torch.dtype] | None = None
+        self._key: tuple[Any, int, torch.dtype, int] | None = None
         self._gram: Tensor | None = None
 
-    def add_to(self, gram: Tensor, x: Tensor, d: int) -> None:
-        """``gram += x^T x`` (upper blocks), reusing the product of the same input."""
+    def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0) -> None:
+        """``gram += x^T x`` (upper blocks), reusing the product of the same input; with
+        ``rows`` > 0 and more positions than that, from every ``k``-th position only
+        (``k = ceil(n / rows)``), rescaled by ``n / kept`` to estimate the full sum."""
         key = self._key
-        if key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype:
+        if (key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype
+                or key[3] != rows):
+            flat = x.reshape(-1, d)
+            n = flat.shape[0]
+            if 0 < rows < n:
+                flat = flat[:: -(-n // rows)]
             prod = torch.zeros_like(gram)
-            add_gram_upper(prod, x.reshape(-1, d).to(gram.dtype))
-            self._key, self._gram = (weakref.ref(x), x._version, gram.dtype), prod
+            add_gram_upper(prod, flat.to(gram.dtype))
+            if flat.shape[0] != n:
+                prod.mul_(n / flat.shape[0])
+            self._key, self._gram = (weakref.ref(x), x._version, gram.dtype, rows), prod
         gram.add_(self._gram)
 
 
@@ -200,6 +209,7 @@ class Neuron:
     kind = "neuron"
     feature_axis = 1
     one_hot = False  # an embedding: its squared features are the features (no sum_x2 kept)
+    gram_rows = 0  # positions per input that enter x^T x (0: all; cov_rows for whitened_orth)
     supports_explicit = True
     supports_matrix_free = True
 

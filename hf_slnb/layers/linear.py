@@ -45,7 +45,7 @@ class LinearNeuron(Neuron):
         if diagonal_only:
             return
         if cap.gram is not None:
-            SHARED_GRAM.add_to(cap.gram, x, d)
+            SHARED_GRAM.add_to(cap.gram, x, d, self.gram_rows)
         else:
             self._keep(cap, x, rows)
             self._fold_if_cheaper(cap, distributed)
