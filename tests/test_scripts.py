@@ -332,3 +332,12 @@ def test_reproduce_paper_quick(tmp_path: Path) -> None:
 
     assert gap("slnb") < 0.01
     assert gap("adam") > 0.1
+
+
+@needs_scripts_extra
+@needs_minilm
+def test_minilm_loop_smoke() -> None:
+    """The diagnosis loop of issue 13, round 4 runs and reports every 10 steps and at the end."""
+    out = run_script("minilm_loop.py", "--steps", "2", "--max-train-samples", "32",
+                     "--slnb-args", "preset=whitened,orth_layers=hidden", "--damping", "1e6")
+    assert "step 2: train " in out.stdout

@@ -332,3 +332,25 @@ def test_whiten_every_sets_when_the_inverse_root_is_refreshed(every: int) -> Non
             expected = W.inverse_root_eigh(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))[0]
         torch.testing.assert_close(opt.state[lin.weight]["input_inv_sqrt"], expected,
                                    rtol=1e-8, atol=1e-10)
+
+
+def test_a_bert_classifier_orthogonalises_its_encoder_only() -> None:
+    """On Hugging Face's BERT classifier (the MiniLM task's architecture) the whitened preset
+    keeps covariances for the encoder's layers only; the pooler (the encoder's layers' shape)
+    and the classifier take Adam's step."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16))
+    opt = SLNB(model.parameters(), model=model, preset="whitened")
+    ids = torch.randint(0, 50, (4, 8))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    opt.step()
+    kept = {n for n, p in model.named_parameters() if "input_cov" in opt.state[p]}
+    assert kept == {f"bert.encoder.layer.{i}.{m}.weight" for i in range(2) for m in (
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense")}
