@@ -203,17 +203,23 @@ class WhitenedOrth(Direction):
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             cov, root = bank_whitening(bank)
-            grams = torch.stack([symmetrized(n.capture.gram) for n in bank.neurons])  # type: ignore[union-attr]
-            c_b = W.centred_second_moment(bank.sum_x, grams, ctx.counts[id(bank)][0][:, 0])
-            keep = per_layer(stats.active & ctx.live, cov)
-            torch.where(keep, torch.lerp(cov, c_b, 1.0 - self.decay), cov, out=cov)
-            if bank.whiten_steps % self.config.whiten_every == 0:  # a host counter: no sync to decide
-                t = bank.stat_step.clamp(min=1.0).to(cov.dtype)  # bias-corrected EMA
-                damped = W.damp(cov / (1.0 - self.decay ** t), self.damping)
-                if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
-                    root.copy_(W.inverse_root_eigh(damped)[0])
-                else:  # matmuls only: eigh's error check would wait for the device
-                    root.copy_(W.inverse_sqrt_newton_schulz(damped, self.ns_iters))
+            counts = ctx.counts[id(bank)][0][:, 0]
+            keep = stats.active & ctx.live
+            refresh = bank.whiten_steps % self.config.whiten_every == 0  # host counter: no sync
+            bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)  # EMA's
+            # One layer at a time: the (d, d) temporaries of the EMA and the inverse root then
+            # cost one layer's size, not the bank's (MiniLM's six 1536-wide layers: 56 MB each).
+            for i, n in enumerate(bank.neurons):
+                c_i = W.centred_second_moment(bank.sum_x[i], symmetrized(n.capture.gram),  # type: ignore[union-attr]
+                                              counts[i])
+                torch.where(keep[i], torch.lerp(cov[i], c_i, 1.0 - self.decay), cov[i],
+                            out=cov[i])
+                if refresh:
+                    damped = W.damp(cov[i] / bias[i], self.damping)
+                    if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
+                        root[i].copy_(W.inverse_root_eigh(damped)[0])
+                    else:  # matmuls only: eigh's error check would wait for the device
+                        root[i].copy_(W.inverse_sqrt_newton_schulz(damped, self.ns_iters))
             bank.whiten_steps += 1
             g = ctx.bank_grads(bank)
             last = bank.neurons[0].feature_axis == 1
