@@ -143,8 +143,7 @@ class Checkpointing:
                         want = None if neuron is None else (neuron.num_features,)
                     elif key in ("input_cov", "input_inv_sqrt"):
                         want = None if neuron is None else (neuron.num_features,) * 2
-                        takes = getattr(self.direction, "takes", None)  # type: ignore[attr-defined]
-                        if neuron is not None and (takes is None or not takes(neuron)):
+                        if neuron is not None and not self.direction.takes(neuron):  # type: ignore[attr-defined]
                             raise ValueError(
                                 f"Cannot load this SLNB checkpoint: it keeps an input covariance "
                                 f"for parameter {self._names.get(id(p), '?')!r}, which this "  # type: ignore[attr-defined]

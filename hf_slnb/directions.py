@@ -53,6 +53,11 @@ class Direction:
             self.commit(bank, h, stats.active & ctx.live)
             ctx.set_bank_direction(bank, h, stats.active)
 
+    def takes(self, neuron: Any) -> bool:
+        """Whether this direction orthogonalises ``neuron`` (none here; see
+        :class:`WhitenedOrth`)."""
+        return False
+
     def bank_key(self, neuron: Any) -> tuple[Any, ...]:
         """What, beside type, shape and options, keeps layers in separate banks (layers that
         this direction treats differently)."""
