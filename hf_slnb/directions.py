@@ -161,7 +161,8 @@ class WhitenedOrth(Direction):
     this is Muon's direction; it is Muon on the network whose layers whiten their inputs, which is
     SLNB's reparameterisation view. The result is scaled to Muon's size (``|orth(.)|_F``), then
     to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
-    so ``lr`` is AdamW's for every parameter); the orthogonalisation runs in bfloat16 as Muon's does
+    so ``lr`` is AdamW's for every parameter). The orthogonalisation runs in ``orth_dtype``: by
+    default bfloat16 on accelerators, as Muon, and float32 on the CPU
     (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to the
     ``nn.Linear`` and HF ``Conv1D`` layers that ``orth_layers`` picks (by default those inside
     the repeated blocks: a classifier or pooler beside them is left out, as Muon's authors leave
@@ -194,6 +195,10 @@ class WhitenedOrth(Direction):
 
     def needs_moments(self, neuron: Any) -> bool:
         return self.takes(neuron)
+
+    def orth_dtype(self, m: Tensor) -> torch.dtype:
+        """The Newton-Schulz dtype for the stack ``m`` (``orth_dtype``)."""
+        return W.ns_dtype(m.dtype, m.device, self.config.orth_dtype)
 
     def bank_state(self, bank: Bank) -> dict[str, Tensor]:
         if not self.applies(bank):
@@ -229,7 +234,7 @@ class WhitenedOrth(Direction):
             g = ctx.bank_grads(bank)
             last = bank.neurons[0].feature_axis == 1
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
-            u = W.whitened_orth(m, root, dtype=W.ns_dtype(m.dtype)) * self.size(m)
+            u = W.whitened_orth(m, root, dtype=self.orth_dtype(m)) * self.size(m)
             h = u if last else u.transpose(1, 2)
             ctx.set_slab_direction(bank, h, stats.active)
 
@@ -260,7 +265,7 @@ class DiagWhitenedOrth(WhitenedOrth):
             last = bank.neurons[0].feature_axis == 1
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
             u = W.diag_whitened_orth(m, stats.inv.to(m.dtype).sqrt(),
-                                     dtype=W.ns_dtype(m.dtype)) * self.size(m)
+                                     dtype=self.orth_dtype(m)) * self.size(m)
             ctx.set_slab_direction(bank, u if last else u.transpose(1, 2), stats.active)
 
 

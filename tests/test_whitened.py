@@ -354,3 +354,51 @@ def test_a_bert_classifier_orthogonalises_its_encoder_only() -> None:
     assert kept == {f"bert.encoder.layer.{i}.{m}.weight" for i in range(2) for m in (
         "attention.self.query", "attention.self.key", "attention.self.value",
         "attention.output.dense", "intermediate.dense", "output.dense")}
+
+
+def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
+    """``orth_dtype``: 'auto' is float32 on the CPU (bfloat16 matmuls there can be 10-60x
+    slower) and bfloat16 on accelerators; float64 parameters stay float64. On a float32 layer
+    the float32 map equals the dense float64 definition to float32 accuracy, and bfloat16 does
+    not (so the option acts)."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    assert W.ns_dtype(torch.float32, "cpu", "auto") == torch.float32
+    assert W.ns_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    assert W.ns_dtype(torch.float32, "cuda", "auto") == torch.bfloat16
+    assert W.ns_dtype(torch.float32, "cpu", "bfloat16") == torch.bfloat16
+    assert W.ns_dtype(torch.float64, "cuda", "bfloat16") == torch.float64
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 24, dtype=D) * torch.linspace(0.2, 4.0, 24, dtype=D) + 0.5
+    lin0 = nn.Linear(24, 16).double()
+    lin0(x).pow(3).mean().backward()
+    g = lin0.weight.grad
+    # Dense float64 reference: the quintic's polynomial of the singular values of G C^-1/2.
+    mean = x.mean(0)
+    c = x.T @ x / x.shape[0] - torch.outer(mean, mean)
+    c = c + 0.1 * torch.trace(c) / 24 * torch.eye(24, dtype=D)
+    r = _dense_inv_sqrt(c)
+    u, s, vh = torch.linalg.svd(g @ r, full_matrices=False)
+    s = s / s.pow(2).sum().sqrt()
+    a, b, cc = W.NS5_COEFFICIENTS
+    for _ in range(5):
+        s = a * s + b * s**3 + cc * s**5
+    o = u @ torch.diag(s) @ vh
+    want = o @ r
+    want = want * torch.linalg.matrix_norm(o) / torch.linalg.matrix_norm(want) * 0.2 * 24 ** 0.5
+
+    errors = {}
+    for choice in ("auto", "float32", "bfloat16"):
+        lin = nn.Linear(24, 16)
+        lin.load_state_dict({k: v.float() for k, v in lin0.state_dict().items()})
+        opt = SLNB(lin.parameters(), model=lin, preset="whitened", orth_dtype=choice,
+                   momentum=0.0, weight_decay=0.0, lr=1.0)
+        lin(x.float()).pow(3).mean().backward()
+        opt.step()
+        got = (lin0.weight.detach() - lin.weight.detach().double())
+        errors[choice] = float((got - want).norm() / want.norm())
+    assert errors["auto"] == errors["float32"] < 1e-4, errors
+    assert 1e-3 < errors["bfloat16"] < 0.2, errors
