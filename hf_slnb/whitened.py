@@ -96,13 +96,16 @@ def orthogonalize_ns5(m: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     if dtype is not None and dtype != m.dtype:
         return orthogonalize_ns5(m.to(dtype), steps, eps).to(m.dtype)
     a, b, c = NS5_COEFFICIENTS
-    x = m / (torch.linalg.matrix_norm(m, keepdim=True) + eps)
-    tall = x.shape[-2] > x.shape[-1]
-    if tall:  # iterate on the short side: X Xᵀ is the small Gram matrix
-        x = x.transpose(-2, -1)
+    tall = m.shape[-2] > m.shape[-1]
+    x = m.transpose(-2, -1) if tall else m  # iterate on the short side: X Xᵀ is the small Gram
+    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)).contiguous()
+    batch = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])  # (B, short, long): every product a fused batched one
     for _ in range(steps):
-        gram = x @ x.transpose(-2, -1)
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = torch.bmm(x, x.transpose(-2, -1))
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b A + c A²) X
+    x = x.reshape(*batch, *x.shape[-2:])
     return x.transpose(-2, -1) if tall else x
 
 
