@@ -288,8 +288,10 @@ def test_orth_layers_is_checked_and_recorded() -> None:
 
 
 def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() -> None:
-    """``cov_rows=10`` on 40 positions: ``x^T x`` from every 4th row times 4, the mean from all of
-    them (dense float64); layers that share the input still share the subsampled product."""
+    """``cov_rows=10`` on 2 sequences of 20 positions: ``x^T x`` from every 7th row (the
+    smallest stride >= 4 coprime to 20, so the kept rows are six different positions of a
+    sequence, not positions 0, 4, 8, ... of each) times 40 / 6, the mean from all of them
+    (dense float64); layers that share the input still share the subsampled product."""
     from torch import nn
 
     from hf_slnb import SLNB
@@ -300,13 +302,27 @@ def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() ->
     opt = SLNB(net.parameters(), model=net, preset="whitened", cov_rows=10)
     (net["q"](x) * net["k"](x)).pow(2).mean().backward()
     opt.step()
-    flat = x.reshape(40, 5)
-    sub = flat[::4]
-    mean = flat.mean(0)
-    cov = sub.T @ sub * 4 / 40 - torch.outer(mean, mean)
+    kept = [(0, 0), (0, 7), (0, 14), (1, 1), (1, 8), (1, 15)]  # rows 0, 7, ..., 35
+    sub = torch.stack([x[b, t] for b, t in kept])
+    mean = x.reshape(40, 5).mean(0)
+    cov = sub.T @ sub * 40 / 6 / 40 - torch.outer(mean, mean)
     for layer in (net["q"], net["k"]):
         torch.testing.assert_close(opt.state[layer.weight]["input_cov"], (1 - 0.95) * cov,
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_row_stride_is_coprime_to_the_sequence_length() -> None:
+    from hf_slnb.layers.base import row_stride
+
+    assert row_stride(2048, 512, 128) == 5  # 4 divides 128
+    assert row_stride(2048, 1024, 128) == 3
+    assert row_stride(40, 10, 1) == 4  # a 2-D input: no sequence
+    assert row_stride(45, 10, 9) == 5
+    for n, rows, seq in ((2048, 512, 128), (40, 10, 20), (999, 100, 37)):
+        k = row_stride(n, rows, seq)
+        assert -(-n // k) <= rows
+        kept = {(i % seq) for i in range(0, n, k)}
+        assert len(kept) == min(seq, -(-n // k))  # distinct positions until all are covered
 
 
 @pytest.mark.parametrize("every", [1, 3])

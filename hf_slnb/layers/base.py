@@ -13,6 +13,7 @@ statistics are rows of stacked tensors, so that one kernel serves the whole bank
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Callable
@@ -48,6 +49,18 @@ def add_gram_upper(gram: Tensor, x: Tensor, block: int = GRAM_BLOCK) -> None:
         gram[i : i + block, i:].addmm_(x[:, i : i + block].T, x[:, i:])
 
 
+def row_stride(n: int, rows: int, seq: int) -> int:
+    """The stride that keeps at most ``rows`` of ``n`` positions: the smallest ``k >=
+    ceil(n / rows)`` coprime to the sequence length ``seq``, so that the kept rows of a
+    ``(batch, seq)`` input visit every position of a sequence alike. A stride dividing ``seq``
+    would keep the same positions of every sequence, and over-weight what is special about them
+    (the first token's outlier features) ``k``-fold."""
+    k = -(-n // rows)
+    while math.gcd(k, seq) != 1:
+        k += 1
+    return k
+
+
 class SharedGram(threading.local):
     """The last input's ``x^T x`` (upper blocks), so that layers reading one tensor (a Llama's or
     BERT's q/k/v, a Llama's gate/up) pay for one product: their capture hooks fire one after
@@ -60,15 +73,15 @@ class SharedGram(threading.local):
 
     def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0) -> None:
         """``gram += x^T x`` (upper blocks), reusing the product of the same input; with
-        ``rows`` > 0 and more positions than that, from every ``k``-th position only
-        (``k = ceil(n / rows)``), rescaled by ``n / kept`` to estimate the full sum."""
+        ``rows`` > 0 and more positions than that, from every ``k``-th position only, rescaled
+        by ``n / kept`` to estimate the full sum (:func:`row_stride`)."""
         key = self._key
         if (key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype
                 or key[3] != rows):
             flat = x.reshape(-1, d)
             n = flat.shape[0]
             if 0 < rows < n:
-                flat = flat[:: -(-n // rows)]
+                flat = flat[:: row_stride(n, rows, x.shape[-2] if x.dim() > 2 else 1)]
             prod = torch.zeros_like(gram)
             add_gram_upper(prod, flat.to(gram.dtype))
             if flat.shape[0] != n:
