@@ -234,9 +234,22 @@ class WhitenedOrth(Direction):
             g = ctx.bank_grads(bank)
             last = bank.neurons[0].feature_axis == 1
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
-            u = W.whitened_orth(m, root, dtype=self.orth_dtype(m)) * self.size(m)
+            u = self.orthogonalise(bank, m, root) * self.size(m)
             h = u if last else u.transpose(1, 2)
             ctx.set_slab_direction(bank, h, stats.active)
+
+    def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor) -> Tensor:
+        """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``: on
+        the short side's Gram matrix (:func:`hf_slnb.whitened.whitened_orth_gram`, about 0.6x
+        the products) for layers at least :data:`GRAM_ASPECT` times longer than wide in float32
+        or float64, else by Newton-Schulz on ``M C^{-1/2}`` itself (square layers; bfloat16,
+        where forming the Gram matrix loses too much)."""
+        dtype = self.orth_dtype(m)
+        short, long = sorted(m.shape[1:])
+        if dtype == torch.bfloat16 or long < GRAM_ASPECT * short:
+            return W.whitened_orth(m, root, dtype=dtype)
+        inv = bank_inverse(bank).to(dtype) if m.shape[1] <= m.shape[2] else None
+        return W.whitened_orth_gram(m.to(dtype), root.to(dtype), inv).to(m.dtype)
 
 
 class DiagWhitenedOrth(WhitenedOrth):
@@ -267,6 +280,20 @@ class DiagWhitenedOrth(WhitenedOrth):
             u = W.diag_whitened_orth(m, stats.inv.to(m.dtype).sqrt(),
                                      dtype=self.orth_dtype(m)) * self.size(m)
             ctx.set_slab_direction(bank, u if last else u.transpose(1, 2), stats.active)
+
+
+#: Layers at least this many times longer than wide are orthogonalised on their Gram matrix.
+GRAM_ASPECT = 1.5
+
+
+def bank_inverse(bank: Bank) -> Tensor:
+    """``C⁻¹ = (C^{-1/2})²`` of the bank's roots, cached until they change (a refresh or a load
+    writes into them and bumps their version counter: a host fact, no sync)."""
+    key = (bank.root._version, bank.root.data_ptr())
+    if getattr(bank, "inv_key", None) != key:
+        bank.inv = torch.bmm(bank.root, bank.root)
+        bank.inv_key = key
+    return bank.inv
 
 
 def bank_whitening(bank: Bank) -> tuple[Tensor, Tensor]:

@@ -128,6 +128,43 @@ def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
     return row_normalize(u) if per_row else u
 
 
+def whitened_orth_gram(m: torch.Tensor, c_inv_sqrt: torch.Tensor,
+                       c_inv: torch.Tensor | None = None, steps: int = 5,
+                       eps: float = 1e-7) -> torch.Tensor:
+    """:func:`whitened_orth` of a stack ``(L, out, in)``, the same map in exact arithmetic, with
+    Newton-Schulz run on the short side's ``(s, s)`` Gram matrix instead of on ``X = M C^{-1/2}``.
+
+    Every iterate is ``X_k = Q_k X`` (``X`` wide) or ``X Q_k`` (tall) with ``Q_k`` a polynomial
+    in ``S = X Xᵀ`` (or ``Xᵀ X``), so ``Q_{k+1} = (a I + b A + c A²) Q_k`` with ``A = Q_k S Q_k``:
+    four ``s³`` products per step instead of two ``s² l`` and one ``s³``. The result is
+    ``Q X C^{-1/2} = Q M C⁻¹`` (wide: ``c_inv``, ``C⁻¹``, is required) or ``M C^{-1/2} Q
+    C^{-1/2}`` (tall). About 0.6x the cost of :func:`whitened_orth` when ``l >= 1.5 s``
+    (square layers gain nothing: use :func:`whitened_orth`). Forming ``S`` squares ``X``'s
+    condition number, so use it in float32 or float64 (relative error 1e-5 to 6e-4 in
+    float32, against 2e-2 for Muon's bfloat16), not bfloat16.
+    """
+    a, b, c = NS5_COEFFICIENTS
+    wide = m.shape[-2] <= m.shape[-1]
+    mt = m.transpose(-2, -1)
+    if wide:
+        if c_inv is None:
+            raise ValueError("whitened_orth_gram: a wide stack (out <= in) needs c_inv = C^-1.")
+        k = torch.bmm(m, c_inv)  # M C⁻¹ = X C^{-1/2}
+        s = torch.bmm(k, mt)  # X Xᵀ
+    else:
+        s = torch.bmm(torch.bmm(c_inv_sqrt, torch.bmm(mt, m)), c_inv_sqrt)  # Xᵀ X
+    norm = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
+    s = s / (norm + eps) ** 2  # X₀ = X / (‖X‖_F + eps), as orthogonalize_ns5
+    q = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s).contiguous()
+    for _ in range(steps):
+        aa = torch.bmm(torch.bmm(q, s), q)  # X_k X_kᵀ (or X_kᵀ X_k)
+        q = torch.baddbmm(q, torch.baddbmm(aa, aa, aa, beta=b, alpha=c), q, beta=a)
+    o_norm = (torch.bmm(q, s) * q).sum((-2, -1), keepdim=True).clamp_min(0).sqrt()  # ‖X_5‖_F
+    u = torch.bmm(q, k) if wide else torch.bmm(
+        m, torch.bmm(torch.bmm(c_inv_sqrt, q), c_inv_sqrt))
+    return u * (o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
+
+
 def _sized_like(u: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """``u`` rescaled to ``o``'s Frobenius norm (per matrix)."""
     return u * (torch.linalg.matrix_norm(o, keepdim=True)

@@ -416,5 +416,69 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
         opt.step()
         got = (lin0.weight.detach() - lin.weight.detach().double())
         errors[choice] = float((got - want).norm() / want.norm())
-    assert errors["auto"] == errors["float32"] < 1e-4, errors
-    assert 1e-3 < errors["bfloat16"] < 0.2, errors
+    # (24, 16) takes the Gram form in float32: about 5e-4 here, against bfloat16's 2e-2.
+    assert errors["auto"] == errors["float32"] < 2e-3, errors
+    assert 5 * errors["float32"] < errors["bfloat16"] < 0.2, errors
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 13), (3, 13, 6), (2, 9, 9)])
+def test_whitened_orth_gram_is_the_same_map(shape: tuple[int, int, int]) -> None:
+    """Newton-Schulz on the short side's Gram matrix equals the iteration on ``M C^{-1/2}``
+    (dense float64, wide, tall and square). In float32 it stays within 2e-3 of it (forming
+    the Gram matrix squares the condition number: up to 6e-4 over 20 seeds of these shapes,
+    against bfloat16's 2e-2, the precision Muon runs at)."""
+    torch.manual_seed(0)
+    m = torch.randn(*shape, dtype=D)
+    d = shape[2]
+    roots = torch.stack([W.inverse_root_eigh(W.damp(_spd(d, i), 0.1))[0]
+                         for i in range(shape[0])])
+    inv = roots @ roots
+    want = W.whitened_orth(m, roots)
+    torch.testing.assert_close(W.whitened_orth_gram(m, roots, inv), want, rtol=1e-10,
+                               atol=1e-12)
+    got32 = W.whitened_orth_gram(m.float(), roots.float(), inv.float()).double()
+    assert float((got32 - want).norm() / want.norm()) < 2e-3
+    if shape[1] <= shape[2]:
+        with pytest.raises(ValueError, match="needs c_inv"):
+            W.whitened_orth_gram(m, roots)
+
+
+def test_the_gram_form_serves_long_layers_and_its_inverse_follows_the_refresh() -> None:
+    """The class takes the Gram form for a (4, 12) layer and caches ``C⁻¹`` until a refresh
+    writes new roots; every step still equals the dense definition (float64)."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+    from hf_slnb import directions as Dn
+
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 4).double()
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
+               lr=1e-2, whiten_every=2)
+    calls = []
+    real = W.whitened_orth_gram
+
+    def spy(*args, **kwargs):
+        calls.append(args[2] is not None)
+        return real(*args, **kwargs)
+
+    W.whitened_orth_gram = spy
+    try:
+        cov = torch.zeros(12, 12, dtype=D)
+        for step in range(3):
+            x = torch.randn(40, 12, dtype=D) * torch.linspace(0.3, 3.0, 12, dtype=D) + step
+            w0 = lin.weight.detach().clone()
+            lin(x).pow(3).mean().backward()
+            g = lin.weight.grad.clone()
+            opt.step()
+            opt.zero_grad()
+            mu = x.mean(0)
+            cov = 0.95 * cov + 0.05 * (x.T @ x / 40 - torch.outer(mu, mu))
+            if step % 2 == 0:
+                root = _dense_inv_sqrt(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))
+            u = W.whitened_orth(g, root) * 0.2 * 12 ** 0.5
+            torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+    finally:
+        W.whitened_orth_gram = real
+    assert calls == [True, True, True]
+    assert Dn.GRAM_ASPECT == 1.5
