@@ -288,10 +288,10 @@ def test_orth_layers_is_checked_and_recorded() -> None:
 
 
 def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() -> None:
-    """``cov_rows=10`` on 2 sequences of 20 positions: ``x^T x`` from every 7th row (the
-    smallest stride >= 4 coprime to 20, so the kept rows are six different positions of a
-    sequence, not positions 0, 4, 8, ... of each) times 40 / 6, the mean from all of them
-    (dense float64); layers that share the input still share the subsampled product."""
+    """``cov_rows=10`` on 2 sequences of 20 positions: the covariance is that of every 7th row
+    about its own mean (the smallest stride >= 4 coprime to 20, so the kept rows are six
+    different positions of a sequence, not positions 0, 4, 8, ... of each), dense float64;
+    layers that share the input still share the subsampled product."""
     from torch import nn
 
     from hf_slnb import SLNB
@@ -304,11 +304,17 @@ def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() ->
     opt.step()
     kept = [(0, 0), (0, 7), (0, 14), (1, 1), (1, 8), (1, 15)]  # rows 0, 7, ..., 35
     sub = torch.stack([x[b, t] for b, t in kept])
-    mean = x.reshape(40, 5).mean(0)
-    cov = sub.T @ sub * 40 / 6 / 40 - torch.outer(mean, mean)
+    cov = torch.cov(sub.T, correction=0)  # the kept rows about their own mean: PSD
     for layer in (net["q"], net["k"]):
         torch.testing.assert_close(opt.state[layer.weight]["input_cov"], (1 - 0.95) * cov,
                                    rtol=1e-10, atol=1e-12)
+    # Inputs with a large mean (GPT-2's residual stream): still positive semi-definite.
+    lin = nn.Linear(5, 5).double()
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", cov_rows=10)
+    lin(x * 0.1 + 30.0).pow(2).mean().backward()
+    opt.step()
+    eig = torch.linalg.eigvalsh(opt.state[lin.weight]["input_cov"])
+    assert float(eig.min()) >= -1e-9 * float(eig.mean()), eig
 
 
 def test_row_stride_is_coprime_to_the_sequence_length() -> None:

@@ -72,20 +72,28 @@ class SharedGram(threading.local):
         self._gram: Tensor | None = None
 
     def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0) -> None:
-        """``gram += x^T x`` (upper blocks), reusing the product of the same input; with
-        ``rows`` > 0 and more positions than that, from every ``k``-th position only, rescaled
-        by ``n / kept`` to estimate the full sum (:func:`row_stride`)."""
+        """``gram += x^T x`` (upper blocks), reusing the product of the same input.
+
+        With ``rows`` > 0 and more positions than that, every ``k``-th position
+        (:func:`row_stride`) estimates it as ``n (S + m mᵀ)``: ``S`` the kept rows' covariance
+        about their own mean, ``m`` the mean of all ``n``. Then ``x^T x / n - m mᵀ`` is ``S``,
+        positive semi-definite: rescaling the kept rows' raw ``x^T x`` instead leaves the
+        centred covariance indefinite wherever the inputs have a large mean (GPT-2's: eigenvalues
+        down to -1.8x the mean one), and its inverse root then blows up."""
         key = self._key
         if (key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype
                 or key[3] != rows):
-            flat = x.reshape(-1, d)
+            flat = x.reshape(-1, d).to(gram.dtype)
             n = flat.shape[0]
-            if 0 < rows < n:
-                flat = flat[:: row_stride(n, rows, x.shape[-2] if x.dim() > 2 else 1)]
             prod = torch.zeros_like(gram)
-            add_gram_upper(prod, flat.to(gram.dtype))
-            if flat.shape[0] != n:
-                prod.mul_(n / flat.shape[0])
+            if 0 < rows < n:
+                kept = flat[:: row_stride(n, rows, x.shape[-2] if x.dim() > 2 else 1)]
+                add_gram_upper(prod, kept - kept.mean(0))
+                prod.mul_(n / kept.shape[0])
+                mean = flat.mean(0)
+                prod.addr_(mean, mean, alpha=n)
+            else:
+                add_gram_upper(prod, flat)
             self._key, self._gram = (weakref.ref(x), x._version, gram.dtype, rows), prod
         gram.add_(self._gram)
 
