@@ -414,7 +414,7 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
 
     errors = {}
     for choice in ("auto", "float32", "bfloat16"):
-        lin = nn.Linear(24, 16)
+        lin = nn.Linear(24, 16, dtype=torch.float32)  # whatever the default dtype
         lin.load_state_dict({k: v.float() for k, v in lin0.state_dict().items()})
         opt = SLNB(lin.parameters(), model=lin, preset="whitened", orth_dtype=choice,
                    momentum=0.0, weight_decay=0.0, lr=1.0)
