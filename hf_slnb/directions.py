@@ -239,17 +239,21 @@ class WhitenedOrth(Direction):
             ctx.set_slab_direction(bank, h, stats.active)
 
     def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor) -> Tensor:
-        """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``: on
-        the short side's Gram matrix (:func:`hf_slnb.whitened.whitened_orth_gram`, about 0.6x
-        the products) for layers at least :data:`GRAM_ASPECT` times longer than wide in float32
-        or float64, else by Newton-Schulz on ``M C^{-1/2}`` itself (square layers; bfloat16,
-        where forming the Gram matrix loses too much)."""
+        """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``, in
+        float32 or float64 on the short side's Gram matrix
+        (:func:`hf_slnb.whitened.whitened_orth_gram`) where that is cheaper: on the CPU for a
+        short side of at least :data:`SPECTRAL_MIN` (by an eigendecomposition, any aspect),
+        else for layers at least :data:`GRAM_ASPECT` times longer than wide (iterated, about 0.6x
+        the products). Otherwise by Newton-Schulz on ``M C^{-1/2}`` itself: small square layers,
+        and bfloat16, where forming the Gram matrix loses too much."""
         dtype = self.orth_dtype(m)
         short, long = sorted(m.shape[1:])
-        if dtype == torch.bfloat16 or long < GRAM_ASPECT * short:
+        spectral = m.device.type == "cpu" and short >= SPECTRAL_MIN
+        if dtype == torch.bfloat16 or not (spectral or long >= GRAM_ASPECT * short):
             return W.whitened_orth(m, root, dtype=dtype)
         inv = bank_inverse(bank).to(dtype) if m.shape[1] <= m.shape[2] else None
-        return W.whitened_orth_gram(m.to(dtype), root.to(dtype), inv).to(m.dtype)
+        return W.whitened_orth_gram(m.to(dtype), root.to(dtype), inv,
+                                    spectral=spectral).to(m.dtype)
 
 
 class DiagWhitenedOrth(WhitenedOrth):
@@ -284,6 +288,10 @@ class DiagWhitenedOrth(WhitenedOrth):
 
 #: Layers at least this many times longer than wide are orthogonalised on their Gram matrix.
 GRAM_ASPECT = 1.5
+#: On the CPU, layers whose short side is at least this take the Gram matrix's eigendecomposition
+#: (any aspect): there ``eigh`` of a (256, 256) matrix costs about ten of its products, against
+#: the iteration's seventeen (twenty at 128: no gain below about 192).
+SPECTRAL_MIN = 192
 
 
 def bank_inverse(bank: Bank) -> Tensor:

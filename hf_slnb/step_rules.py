@@ -141,8 +141,13 @@ class AdamGraft(StepRule):
             v.lerp_(sq, 1.0 - self.config.norm_decay)
 
     def updates(self, ctx: StepContext) -> None:
+        self.adam(ctx)
+        self.graft(ctx)
+
+    def adam(self, ctx: StepContext) -> None:
+        """Adam's direction everywhere, into the update buffer."""
         d, eps = self.config.norm_decay, self.config.eps
-        for arena in ctx.arenas:  # Adam's direction everywhere, into the update buffer
+        for arena in ctx.arenas:
             u, v = arena.update, arena.buffers["exp_avg_sq"]
             if arena.uniform:
                 torch.div(v, bias_correction(d, arena.step0).to(arena.dtype), out=u)
@@ -152,6 +157,9 @@ class AdamGraft(StepRule):
                     torch.div(s.stack(v), per_layer(rows, s.stack(v)), out=s.stack(u))
             u.sqrt_().add_(eps)
             torch.div(arena.grad, u, out=u)
+
+    def graft(self, ctx: StepContext) -> None:
+        """The banks: SLNB's direction at the length of Adam's (in the update buffer)."""
         pending = []
         for s in _bank_slabs(ctx):  # the banks: SLNB's direction at Adam's length
             dims = ctx.row_dims(s) if self.per_row else tuple(range(len(s.shape)))
@@ -180,7 +188,7 @@ class OrthAdam(AdamGraft):
     name = "orth"
 
     def updates(self, ctx: StepContext) -> None:
-        super().updates(ctx)  # Adam's direction everywhere; banks grafted, then replaced below
+        self.adam(ctx)  # Adam's direction everywhere; the banks' replaced below
         for s in _bank_slabs(ctx):
             out = s.stack(s.arena.update)
             u = ctx.h[id(s)]

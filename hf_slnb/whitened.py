@@ -130,20 +130,19 @@ def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
 
 def whitened_orth_gram(m: torch.Tensor, c_inv_sqrt: torch.Tensor,
                        c_inv: torch.Tensor | None = None, steps: int = 5,
-                       eps: float = 1e-7) -> torch.Tensor:
+                       eps: float = 1e-7, spectral: bool = False) -> torch.Tensor:
     """:func:`whitened_orth` of a stack ``(L, out, in)``, the same map in exact arithmetic, with
     Newton-Schulz run on the short side's ``(s, s)`` Gram matrix instead of on ``X = M C^{-1/2}``.
 
     Every iterate is ``X_k = Q_k X`` (``X`` wide) or ``X Q_k`` (tall) with ``Q_k`` a polynomial
-    in ``S = X Xᵀ`` (or ``Xᵀ X``), so ``Q_{k+1} = (a I + b A + c A²) Q_k`` with ``A = Q_k S Q_k``:
-    four ``s³`` products per step instead of two ``s² l`` and one ``s³``. The result is
-    ``Q X C^{-1/2} = Q M C⁻¹`` (wide: ``c_inv``, ``C⁻¹``, is required) or ``M C^{-1/2} Q
-    C^{-1/2}`` (tall). About 0.6x the cost of :func:`whitened_orth` when ``l >= 1.5 s``
-    (square layers gain nothing: use :func:`whitened_orth`). Forming ``S`` squares ``X``'s
+    in ``S = X Xᵀ`` (or ``Xᵀ X``), so ``Q_{k+1} = (a I + b A + c A²) Q_k`` with ``A = Q_k S Q_k``
+    (:func:`gram_ns5_factor`). The result is ``Q X C^{-1/2} = Q M C⁻¹`` (wide and square:
+    ``c_inv``, ``C⁻¹``, is required) or ``M C^{-1/2} Q C^{-1/2}`` (tall). About 0.6x the cost of
+    :func:`whitened_orth` when ``l >= 1.5 s``; with ``spectral`` (``Q`` from an eigendecomposition
+    of ``S``: the CPU, ``s >= 192``) square layers gain too. Forming ``S`` squares ``X``'s
     condition number, so use it in float32 or float64 (relative error 1e-5 to 6e-4 in
     float32, against 2e-2 for Muon's bfloat16), not bfloat16.
     """
-    a, b, c = NS5_COEFFICIENTS
     wide = m.shape[-2] <= m.shape[-1]
     mt = m.transpose(-2, -1)
     if wide:
@@ -155,14 +154,45 @@ def whitened_orth_gram(m: torch.Tensor, c_inv_sqrt: torch.Tensor,
         s = torch.bmm(torch.bmm(c_inv_sqrt, torch.bmm(mt, m)), c_inv_sqrt)  # Xᵀ X
     norm = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
     s = s / (norm + eps) ** 2  # X₀ = X / (‖X‖_F + eps), as orthogonalize_ns5
-    q = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s).contiguous()
-    for _ in range(steps):
-        aa = torch.bmm(torch.bmm(q, s), q)  # X_k X_kᵀ (or X_kᵀ X_k)
-        q = torch.baddbmm(q, torch.baddbmm(aa, aa, aa, beta=b, alpha=c), q, beta=a)
-    o_norm = (torch.bmm(q, s) * q).sum((-2, -1), keepdim=True).clamp_min(0).sqrt()  # ‖X_5‖_F
+    q, o_norm_sq = gram_ns5_factor(s, steps, spectral)
     u = torch.bmm(q, k) if wide else torch.bmm(
         m, torch.bmm(torch.bmm(c_inv_sqrt, q), c_inv_sqrt))
+    o_norm = o_norm_sq.clamp_min(0).sqrt()[..., None, None]  # ‖X_steps‖_F
     return u * (o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
+
+
+def gram_ns5_factor(s: torch.Tensor, steps: int = 5,
+                    spectral: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Newton-Schulz on a Gram matrix: for ``S = X Xᵀ`` (``(L, s, s)``, ``‖X‖_F <= 1``) the
+    polynomial ``Q`` with ``Q X`` :func:`orthogonalize_ns5`'s iterate after ``steps``, and
+    ``‖Q X‖_F²``.
+
+    Iterated, ``Q₁ = a I + b S + c S²`` (one product: ``Q₀ = I``), then ``A = Q S Q``, ``Q ←
+    (a I + b A + c A²) Q``: four ``s³`` products per step. ``spectral`` takes ``S = V Λ Vᵀ``
+    once instead and runs the same iteration on each eigenvalue, ``t ← t (a + b λt² + c λ²t⁴)``
+    from ``t = 1``, so ``Q = V t(Λ) Vᵀ``: the same ``Q`` in exact arithmetic, for one ``eigh``
+    and one product. On the CPU ``eigh`` costs about ten ``s³`` products at ``s = 256`` and five
+    at ``s = 768`` (twenty at ``s = 128``, where iterating is as cheap); on accelerators it
+    waits for the device (its error check), so it is for the CPU only.
+    """
+    a, b, c = NS5_COEFFICIENTS
+    if spectral:
+        # A non-finite S (a step that will be skipped) must not reach LAPACK.
+        lam, vec = torch.linalg.eigh(torch.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0))
+        lam = lam.clamp_min(0)
+        t = torch.ones_like(lam)
+        for _ in range(steps):
+            x2 = t * t * lam  # squared singular value of the iterate
+            t = t * (a + x2 * (b + c * x2))
+        q = torch.bmm(vec * t[..., None, :], vec.transpose(-2, -1))
+        return q, (lam * t * t).sum(-1)
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    q = torch.baddbmm(torch.add(eye, s, alpha=b / a), s, s, beta=a, alpha=c) if steps else \
+        eye.contiguous()  # Q₁ = a I + b S + c S²
+    for _ in range(steps - 1):
+        aa = torch.bmm(torch.bmm(q, s), q)  # X_k X_kᵀ (or X_kᵀ X_k)
+        q = torch.baddbmm(q, torch.baddbmm(aa, aa, aa, beta=b, alpha=c), q, beta=a)
+    return q, (torch.bmm(q, s) * q).sum((-2, -1))
 
 
 def _sized_like(u: torch.Tensor, o: torch.Tensor) -> torch.Tensor:

@@ -449,6 +449,73 @@ def test_whitened_orth_gram_is_the_same_map(shape: tuple[int, int, int]) -> None
             W.whitened_orth_gram(m, roots)
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 13), (3, 13, 6), (2, 9, 9)])
+def test_the_spectral_gram_form_is_the_same_map(shape: tuple[int, int, int]) -> None:
+    """``Q`` from the Gram matrix's eigendecomposition (each eigenvalue iterated as a scalar)
+    equals the iterated ``Q`` and the direct iteration on ``M C^{-1/2}`` (dense float64; wide,
+    tall and square, the square one through ``C⁻¹``), and float32 stays within 2e-3."""
+    torch.manual_seed(1)
+    m = torch.randn(*shape, dtype=D)
+    d = shape[2]
+    roots = torch.stack([W.inverse_root_eigh(W.damp(_spd(d, i), 0.1))[0]
+                         for i in range(shape[0])])
+    inv = roots @ roots
+    want = W.whitened_orth(m, roots)
+    got = W.whitened_orth_gram(m, roots, inv, spectral=True)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    x = m @ roots
+    s = x @ x.mT if shape[1] <= shape[2] else x.mT @ x
+    s = s / torch.diagonal(s, dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    for steps in (0, 1, 5):
+        q_it, n_it = W.gram_ns5_factor(s, steps)
+        q_sp, n_sp = W.gram_ns5_factor(s, steps, spectral=True)
+        torch.testing.assert_close(q_sp, q_it, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(n_sp, n_it, rtol=1e-9, atol=1e-12)
+    got32 = W.whitened_orth_gram(m.float(), roots.float(), inv.float(), spectral=True)
+    assert float((got32.double() - want).norm() / want.norm()) < 2e-3
+    bad = m.clone()
+    bad[0, 0, 0] = float("nan")  # a step that will be skipped: no LAPACK error, no hang
+    W.whitened_orth_gram(bad, roots, inv, spectral=True)
+
+
+def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
+    """On the CPU a layer whose short side reaches ``SPECTRAL_MIN`` (lowered here to 4) takes
+    the spectral Gram form, square ones too, and every step equals the dense definition."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+    from hf_slnb import directions as Dn
+
+    assert Dn.SPECTRAL_MIN == 192
+    monkeypatch.setattr(Dn, "SPECTRAL_MIN", 4)
+    calls = []
+    real = W.whitened_orth_gram
+
+    def spy(*args, **kwargs):
+        calls.append((tuple(args[0].shape), kwargs.get("spectral")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(W, "whitened_orth_gram", spy)
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6).double()
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
+               lr=1e-2, whiten_every=1)
+    cov = torch.zeros(6, 6, dtype=D)
+    for step in range(2):
+        x = torch.randn(30, 6, dtype=D) * torch.linspace(0.5, 2.0, 6, dtype=D) + step
+        w0 = lin.weight.detach().clone()
+        lin(x).pow(3).mean().backward()
+        g = lin.weight.grad.clone()
+        opt.step()
+        opt.zero_grad()
+        mu = x.mean(0)
+        cov = 0.95 * cov + 0.05 * (x.T @ x / 30 - torch.outer(mu, mu))
+        root = _dense_inv_sqrt(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))
+        u = W.whitened_orth(g, root) * 0.2 * 6 ** 0.5
+        torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+    assert calls == [((1, 6, 6), True)] * 2
+
+
 def test_the_gram_form_serves_long_layers_and_its_inverse_follows_the_refresh() -> None:
     """The class takes the Gram form for a (4, 12) layer and caches ``C⁻¹`` until a refresh
     writes new roots; every step still equals the dense definition (float64)."""
