@@ -317,6 +317,63 @@ def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() ->
     assert float(eig.min()) >= -1e-9 * float(eig.mean()), eig
 
 
+@pytest.mark.parametrize("d,block", [(10, 4), (8, 4), (5, 8), (600, 256)])
+def test_upper_block_gram_and_its_symmetric_copy_are_x_transpose_x(d: int, block: int) -> None:
+    """``add_gram_upper`` then ``symmetrized``: exactly the dense ``x^T x`` (float64), for sizes
+    that are and are not multiples of the block."""
+    from hf_slnb.layers.base import add_gram_upper, symmetrized
+
+    torch.manual_seed(0)
+    x = torch.randint(-9, 10, (7, d)).to(D)  # integers: exact sums, compared bit for bit
+    gram = torch.zeros(d, d, dtype=D)
+    add_gram_upper(gram, x, block)
+    assert torch.equal(symmetrized(gram, block), x.T @ x)
+
+
+@pytest.mark.parametrize("n,d", [(1, 3), (1100, 1024), (4097, 256), (0, 4), (96, 5)])
+def test_column_sums_match_the_dense_sums(n: int, d: int) -> None:
+    """The per-feature sums of a capture: ``Σ x`` and ``Σ x²`` over rows added in place, chunked
+    on the CPU (row counts across chunk boundaries; a bfloat16 input summed in float32)."""
+    from hf_slnb.layers.base import add_column_sums
+
+    torch.manual_seed(0)
+    x = torch.randn(n, d, dtype=D)
+    sx, sx2 = torch.ones(d, dtype=D), torch.full((d,), 2.0, dtype=D)
+    total = add_column_sums(sx, sx2, x.reshape(-1, 3, d) if n % 3 == 0 and n else x)
+    torch.testing.assert_close(total, x.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sx, 1.0 + x.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sx2, 2.0 + (x * x).sum(0), rtol=1e-12, atol=1e-12)
+    xb = x.to(torch.bfloat16)
+    sx, sx2 = torch.zeros(d), torch.zeros(d)
+    add_column_sums(sx, sx2, xb)
+    torch.testing.assert_close(sx2.double(), xb.double().pow(2).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_column_sums_dispatch_four_ops_off_the_cpu_and_five_on_it() -> None:
+    """Issue 10's hook budget: off the CPU (the meta device stands in for an accelerator) the
+    sums cost four ops and no view; on the CPU one more (the squares, then their sum)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hf_slnb.layers.base import add_column_sums
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for device, want in (("meta", 4), ("cpu", 5)):
+        x = torch.randn(4, 16, 8, device=device)
+        sx, sx2 = torch.zeros(8, device=device), torch.zeros(8, device=device)
+        with Count() as c:
+            add_column_sums(sx, sx2, x)
+        assert len(c.ops) == want, (device, c.ops)
+        assert not any("view" in op for op in c.ops), c.ops
+
+
 def test_row_stride_is_coprime_to_the_sequence_length() -> None:
     from hf_slnb.layers.base import row_stride
 

@@ -48,12 +48,13 @@ class ConvNeuron(Neuron):
         if not diagonal_only:
             self._keep(cap, x, 0)  # rows: unused (no explicit conv backend)
 
-    def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None, bool]:
         with torch.no_grad():
             if x.dim() == self.weight.dim() - 1:
                 x = x.unsqueeze(0)
             dims, dt = (0, *range(2, x.dim())), self.dtype
-            return torch.sum(x, dims, dtype=dt), torch.linalg.vector_norm(x, 2, dims, dtype=dt)
+            return (torch.sum(x, dims, dtype=dt), torch.linalg.vector_norm(x, 2, dims, dtype=dt),
+                    False)
 
     def positions(self, x: Tensor, output: Tensor) -> tuple[int, int]:
         batched = x if x.dim() == self.weight.dim() else x.unsqueeze(0)

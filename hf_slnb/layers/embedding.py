@@ -37,12 +37,12 @@ class EmbeddingNeuron(Neuron):
         cap.count += idx.numel()
         cap.n_out += idx.numel()
 
-    def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None, bool]:
         with torch.no_grad():  # token counts (the step copies them to the squares: one-hot)
             counts = torch.zeros(self.num_features, dtype=self.dtype, device=self.weight.device)
             idx = x.reshape(-1)
             counts.index_add_(0, idx, torch.ones(idx.shape, dtype=self.dtype, device=idx.device))
-            return counts, None
+            return counts, None, False
 
     def positions(self, x: Tensor, output: Tensor) -> tuple[int, int]:
         return x.numel(), x.numel()

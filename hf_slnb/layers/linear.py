@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import Vec, precondition_stacked
-from .base import SHARED_GRAM, Neuron, register_layer, symmetrized
+from .base import SHARED_GRAM, Neuron, add_column_sums, register_layer, symmetrized
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -35,17 +35,13 @@ class LinearNeuron(Neuron):
         rows = x.numel() // max(d, 1)
         cap = self.capture or self.open_capture(
             self.choose_explicit(rows, diagonal_only, distributed))
-        dims, dt = tuple(range(x.dim() - 1)), self.dtype
-        # Four ops, no (rows, d) temporary of squares: a sum and a squared column norm.
-        cap.sum_x.add_(torch.sum(x, dims, dtype=dt))
-        norm = torch.linalg.vector_norm(x, 2, dims, dtype=dt)
-        cap.sum_x2.addcmul_(norm, norm)
+        total = add_column_sums(cap.sum_x, cap.sum_x2, x)
         cap.count += rows
         cap.n_out += rows
         if diagonal_only:
             return
         if cap.gram is not None:
-            SHARED_GRAM.add_to(cap.gram, x, d, self.gram_rows)
+            SHARED_GRAM.add_to(cap.gram, x, d, self.gram_rows, total)
         else:
             self._keep(cap, x, rows)
             self._fold_if_cheaper(cap, distributed)
