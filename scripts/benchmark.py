@@ -280,12 +280,14 @@ def torch_muon_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 
 
 def trainer_kwargs(opt: str, lr: float, task: TaskSpec, model: torch.nn.Module,
-                   slnb_args: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   slnb_args: str | None, adamw_beta2: float | None = None,
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(``TrainingArguments`` overrides, ``Trainer`` keyword arguments) for one optimizer."""
     if opt == "slnb":
         return {"optim": "slnb", "optim_args": slnb_args or None}, {}
     if opt == "adamw":
-        return {"optim": "adamw_torch"}, {}
+        beta2 = {} if adamw_beta2 is None else {"adam_beta2": adamw_beta2}
+        return {"optim": "adamw_torch", **beta2}, {}
     if opt == "schedulefree":
         # Schedule-free replaces the schedule: constant lr, warmup inside the optimizer.
         warmup = round(task.warmup * task.steps)
@@ -343,7 +345,7 @@ class RunResult:
     rss_growth_mb: float = float("nan")
     cuda_peak_mb: float | None = None
     error: str | None = None
-    variant: str = ""  # SLNB's --slnb-args for this run ("" for the defaults and the peers)
+    variant: str = ""  # SLNB's --slnb-args, AdamW's "beta2=..." ("" for the defaults)
 
     @property
     def final_loss(self) -> float:
@@ -354,15 +356,25 @@ class RunResult:
         return min((e[2] for e in self.evals), default=float("nan"))
 
 
+def variant_of(opt: str, slnb_args: str | None, adamw_beta2: float | None) -> str:
+    """How a run differs from its optimizer's defaults (its rows' label)."""
+    if opt == "slnb":
+        return slnb_args or ""
+    if opt == "adamw" and adamw_beta2 is not None:
+        return f"beta2={adamw_beta2:g}"
+    return ""
+
+
 def run_one(task: TaskSpec, data: tuple[Any, ...], opt: str, lr: float, seed: int,
-            slnb_args: str | None) -> RunResult:
+            slnb_args: str | None, adamw_beta2: float | None = None) -> RunResult:
     """Train one (optimizer, lr, seed) from the same initial model; record evals and costs."""
     train, held_out, make_model, collator, metrics_fn = data
-    result = RunResult(task.name, opt, lr, seed, variant=(slnb_args or "") if opt == "slnb" else "")
+    result = RunResult(task.name, opt, lr, seed,
+                       variant=variant_of(opt, slnb_args, adamw_beta2))
     with script_utils.PeakRSS() as memory, tempfile.TemporaryDirectory() as tmp:
         set_seed(seed)
         model = make_model()
-        overrides, extra = trainer_kwargs(opt, lr, task, model, slnb_args)
+        overrides, extra = trainer_kwargs(opt, lr, task, model, slnb_args, adamw_beta2)
         args = TrainingArguments(**{
             "output_dir": tmp, "max_steps": task.steps, "learning_rate": lr,
             "per_device_train_batch_size": task.batch_size,
@@ -391,9 +403,9 @@ def run_one(task: TaskSpec, data: tuple[Any, ...], opt: str, lr: float, seed: in
 
 
 def _child(conn: Any, task: TaskSpec, data: tuple[Any, ...], opt: str, lr: float, seed: int,
-           slnb_args: str | None) -> None:
+           slnb_args: str | None, adamw_beta2: float | None) -> None:
     try:
-        conn.send(run_one(task, data, opt, lr, seed, slnb_args))
+        conn.send(run_one(task, data, opt, lr, seed, slnb_args, adamw_beta2))
     except BaseException:  # noqa: BLE001 - reported to the parent, which keeps going
         conn.send(RunResult(task.name, opt, lr, seed, error=traceback.format_exc()))
     finally:
@@ -401,16 +413,18 @@ def _child(conn: Any, task: TaskSpec, data: tuple[Any, ...], opt: str, lr: float
 
 
 def run_isolated(task: TaskSpec, data: tuple[Any, ...], opt: str, lr: float, seed: int,
-                 slnb_args: str | None, isolate: bool) -> RunResult:
+                 slnb_args: str | None, isolate: bool,
+                 adamw_beta2: float | None = None) -> RunResult:
     """:func:`run_one` in a forked child (clean memory accounting), or in this process."""
     if not isolate:
         try:
-            return run_one(task, data, opt, lr, seed, slnb_args)
+            return run_one(task, data, opt, lr, seed, slnb_args, adamw_beta2)
         except Exception:  # noqa: BLE001
             return RunResult(task.name, opt, lr, seed, error=traceback.format_exc())
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, task, data, opt, lr, seed, slnb_args))
+    proc = ctx.Process(target=_child,
+                       args=(child, task, data, opt, lr, seed, slnb_args, adamw_beta2))
     proc.start()
     child.close()
     try:
@@ -617,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Evaluate every N steps (default 25).")
     parser.add_argument("--slnb-args", default="", help="SLNB options as 'key=value,...' "
                         "(e.g. 'cg_iters=4,ridge=0.05'); passed as --optim_args.")
+    parser.add_argument("--adamw-beta2", type=float, default=None, metavar="BETA2",
+                        help="AdamW's beta2 for the adamw runs, in (0, 1) (default: the "
+                        "Trainer's 0.999); the rows are labelled 'adamw (beta2=...)'.")
     parser.add_argument("--output-dir", default="outputs/benchmark")
     parser.add_argument("--write-benchmarks", action="store_true",
                         help="Append the tables to BENCHMARKS.md (plots to benchmarks/).")
@@ -659,6 +676,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from hf_slnb.integration import parse_optim_args
 
         parse_optim_args(slnb_args)
+    if args.adamw_beta2 is not None and not 0.0 < args.adamw_beta2 < 1.0:
+        raise SystemExit(f"Invalid --adamw-beta2 {args.adamw_beta2!r}: must be in (0, 1).")
     overrides = parse_lr_overrides(args.lr, tasks)
     isolate = not args.no_isolate and "fork" in multiprocessing.get_all_start_methods()
     out = Path(args.output_dir)
@@ -689,7 +708,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in seeds:
             for opt, lrs in sweeps.items():
                 for lr in lrs:
-                    r = run_isolated(task, data, opt, lr, seed, slnb_args, isolate)
+                    r = run_isolated(task, data, opt, lr, seed, slnb_args, isolate,
+                                     args.adamw_beta2)
                     if r.error:
                         logger.warning("%s %s lr=%g seed=%d failed:\n%s", name, opt, lr, seed,
                                        r.error)
@@ -703,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     meta = {"command": script_utils.command_line(), "machine": script_utils.machine_description(),
             "date": script_utils.today(), "seeds": seeds, "slnb_args": slnb_args,
-            "versions": script_utils.framework_versions()}
+            "adamw_beta2": args.adamw_beta2, "versions": script_utils.framework_versions()}
     return finish(args, out, meta, reports, tables)
 
 

@@ -297,6 +297,22 @@ def test_benchmark_quick(tmp_path: Path) -> None:
 
 
 @needs_scripts_extra
+def test_benchmark_adamw_beta2_reaches_the_trainer_and_labels_the_rows() -> None:
+    """``--adamw-beta2`` (the issue's AdamW grid over beta2): the adamw runs get
+    ``adam_beta2`` in their ``TrainingArguments`` and the label ``beta2=...``; the other
+    optimizers are untouched; a value outside (0, 1) stops before any run."""
+    bench = _import_script("benchmark")
+    overrides, _ = bench.trainer_kwargs("adamw", 1e-3, None, None, None, 0.95)
+    assert overrides == {"optim": "adamw_torch", "adam_beta2": 0.95}
+    assert bench.trainer_kwargs("adamw", 1e-3, None, None, None)[0] == {"optim": "adamw_torch"}
+    assert bench.variant_of("adamw", None, 0.95) == "beta2=0.95"
+    assert bench.variant_of("slnb", "preset=whitened", 0.95) == "preset=whitened"
+    assert bench.variant_of("torch_muon", None, 0.95) == ""
+    with pytest.raises(SystemExit, match=r"Invalid --adamw-beta2 1.5: must be in \(0, 1\)"):
+        bench.main(["--tasks", "clm", "--optimizers", "adamw", "--adamw-beta2", "1.5"])
+
+
+@needs_scripts_extra
 @needs_shakespeare
 def test_benchmark_llama_task_with_the_whitened_preset(tmp_path: Path) -> None:
     """The byte-level Llama task runs AdamW, torch's Muon and ``preset=whitened`` from one
