@@ -573,6 +573,49 @@ def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
     assert calls == [((1, 6, 6), True)] * 2
 
 
+def test_a_non_finite_step_through_the_spectral_form_changes_nothing(monkeypatch) -> None:
+    """A NaN gradient with the spectral form in use (threshold lowered to 4): parameters and
+    every state tensor stay bit for bit, the step is counted as skipped, the next one runs."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+    from hf_slnb import directions as Dn
+
+    monkeypatch.setattr(Dn, "SPECTRAL_MIN", 4)
+    calls = []
+    real = W.whitened_orth_gram
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("spectral"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(W, "whitened_orth_gram", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    opt = SLNB(model.parameters(), model=model, preset="whitened", whiten_every=1)
+    x = torch.randn(7, 5, dtype=D)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert True in calls  # the (6, 6) bank and the (6, 5) layer; the (2, 6) one iterates
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    model(x).sum().backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"skipped a step: non-finite values in 2\.weight"):
+        opt.step()
+    opt.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, state[id(p)][k]), k
+    model(x).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(params[2], model[2].weight)
+
+
 def test_the_gram_form_serves_long_layers_and_its_inverse_follows_the_refresh() -> None:
     """The class takes the Gram form for a (4, 12) layer and caches ``C⁻¹`` until a refresh
     writes new roots; every step still equals the dense definition (float64)."""
