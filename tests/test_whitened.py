@@ -535,6 +535,27 @@ def test_the_spectral_gram_form_is_the_same_map(shape: tuple[int, int, int]) -> 
     W.whitened_orth_gram(bad, roots, inv, spectral=True)
 
 
+def _steps_match_the_dense_definition(lin, opt, steps: int, rows: int,
+                                      spread: tuple[float, float], every: int) -> None:
+    """Train a float64 ``Linear`` (``lr=1e-2``, no momentum or decay, roots refreshed every
+    ``every`` steps) and check each step against the dense ``orth(G C^{-1/2}) C^{-1/2}``."""
+    d = lin.in_features
+    cov = torch.zeros(d, d, dtype=D)
+    for step in range(steps):
+        x = torch.randn(rows, d, dtype=D) * torch.linspace(*spread, d, dtype=D) + step
+        w0 = lin.weight.detach().clone()
+        lin(x).pow(3).mean().backward()
+        g = lin.weight.grad.clone()
+        opt.step()
+        opt.zero_grad()
+        mu = x.mean(0)
+        cov = 0.95 * cov + 0.05 * (x.T @ x / rows - torch.outer(mu, mu))
+        if step % every == 0:
+            root = _dense_inv_sqrt(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))
+        u = W.whitened_orth(g, root) * 0.2 * max(lin.weight.shape) ** 0.5
+        torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+
+
 def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
     """On the CPU a layer whose short side reaches ``SPECTRAL_MIN`` (lowered here to 4) takes
     the spectral Gram form, square ones too, and every step equals the dense definition."""
@@ -557,19 +578,7 @@ def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
     lin = nn.Linear(6, 6).double()
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
                lr=1e-2, whiten_every=1)
-    cov = torch.zeros(6, 6, dtype=D)
-    for step in range(2):
-        x = torch.randn(30, 6, dtype=D) * torch.linspace(0.5, 2.0, 6, dtype=D) + step
-        w0 = lin.weight.detach().clone()
-        lin(x).pow(3).mean().backward()
-        g = lin.weight.grad.clone()
-        opt.step()
-        opt.zero_grad()
-        mu = x.mean(0)
-        cov = 0.95 * cov + 0.05 * (x.T @ x / 30 - torch.outer(mu, mu))
-        root = _dense_inv_sqrt(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))
-        u = W.whitened_orth(g, root) * 0.2 * 6 ** 0.5
-        torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+    _steps_match_the_dense_definition(lin, opt, steps=2, rows=30, spread=(0.5, 2.0), every=1)
     assert calls == [((1, 6, 6), True)] * 2
 
 
@@ -637,20 +646,7 @@ def test_the_gram_form_serves_long_layers_and_its_inverse_follows_the_refresh() 
 
     W.whitened_orth_gram = spy
     try:
-        cov = torch.zeros(12, 12, dtype=D)
-        for step in range(3):
-            x = torch.randn(40, 12, dtype=D) * torch.linspace(0.3, 3.0, 12, dtype=D) + step
-            w0 = lin.weight.detach().clone()
-            lin(x).pow(3).mean().backward()
-            g = lin.weight.grad.clone()
-            opt.step()
-            opt.zero_grad()
-            mu = x.mean(0)
-            cov = 0.95 * cov + 0.05 * (x.T @ x / 40 - torch.outer(mu, mu))
-            if step % 2 == 0:
-                root = _dense_inv_sqrt(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))
-            u = W.whitened_orth(g, root) * 0.2 * 12 ** 0.5
-            torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+        _steps_match_the_dense_definition(lin, opt, steps=3, rows=40, spread=(0.3, 3.0), every=2)
     finally:
         W.whitened_orth_gram = real
     assert calls == [True, True, True]
