@@ -64,12 +64,10 @@ def square_sums(x: Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.sum(x * x, dims)
     flat = x.reshape(-1, x.shape[-1])
     step = max(1, SQUARE_CHUNK // max(x.shape[-1], 1))
-    out = None
+    out = torch.zeros(flat.shape[1], dtype=dtype, device=x.device)  # 0 + the first chunk: exact
     for i in range(0, flat.shape[0], step):
         block = flat[i : i + step].to(dtype)
-        part = torch.sum(block * block, 0)
-        out = part if out is None else out.add_(part)
-    assert out is not None
+        out.add_(torch.sum(block * block, 0))
     return out
 
 
