@@ -484,18 +484,23 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
     assert 5 * errors["float32"] < errors["bfloat16"] < 0.2, errors
 
 
+def _stack_with_roots(shape: tuple[int, int, int], seed: int):
+    """A random float64 stack ``M`` ``(L, out, in)``, damped inverse roots of SPD covariances,
+    and ``C⁻¹`` (their squares)."""
+    torch.manual_seed(seed)
+    m = torch.randn(*shape, dtype=D)
+    roots = torch.stack([W.inverse_root_eigh(W.damp(_spd(shape[2], i), 0.1))[0]
+                         for i in range(shape[0])])
+    return m, roots, roots @ roots
+
+
 @pytest.mark.parametrize("shape", [(3, 6, 13), (3, 13, 6), (2, 9, 9)])
 def test_whitened_orth_gram_is_the_same_map(shape: tuple[int, int, int]) -> None:
     """Newton-Schulz on the short side's Gram matrix equals the iteration on ``M C^{-1/2}``
     (dense float64, wide, tall and square). In float32 it stays within 2e-3 of it (forming
     the Gram matrix squares the condition number: up to 6e-4 over 20 seeds of these shapes,
     against bfloat16's 2e-2, the precision Muon runs at)."""
-    torch.manual_seed(0)
-    m = torch.randn(*shape, dtype=D)
-    d = shape[2]
-    roots = torch.stack([W.inverse_root_eigh(W.damp(_spd(d, i), 0.1))[0]
-                         for i in range(shape[0])])
-    inv = roots @ roots
+    m, roots, inv = _stack_with_roots(shape, seed=0)
     want = W.whitened_orth(m, roots)
     torch.testing.assert_close(W.whitened_orth_gram(m, roots, inv), want, rtol=1e-10,
                                atol=1e-12)
@@ -511,12 +516,7 @@ def test_the_spectral_gram_form_is_the_same_map(shape: tuple[int, int, int]) -> 
     """``Q`` from the Gram matrix's eigendecomposition (each eigenvalue iterated as a scalar)
     equals the iterated ``Q`` and the direct iteration on ``M C^{-1/2}`` (dense float64; wide,
     tall and square, the square one through ``C⁻¹``), and float32 stays within 2e-3."""
-    torch.manual_seed(1)
-    m = torch.randn(*shape, dtype=D)
-    d = shape[2]
-    roots = torch.stack([W.inverse_root_eigh(W.damp(_spd(d, i), 0.1))[0]
-                         for i in range(shape[0])])
-    inv = roots @ roots
+    m, roots, inv = _stack_with_roots(shape, seed=1)
     want = W.whitened_orth(m, roots)
     got = W.whitened_orth_gram(m, roots, inv, spectral=True)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
