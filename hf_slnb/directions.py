@@ -19,7 +19,7 @@ from torch import Tensor
 from . import whitened as W
 from .config import register
 from .functional import Stack, conjugate_gradient, per_layer
-from .layers import symmetrized
+from .layers import symmetrize_
 
 #: RMS of an orthogonalised layer update per unit lr (Moonlight, arXiv 2502.16982: AdamW's
 #: typical update RMS), so that one lr, AdamW's, serves these layers and Adam's alike.
@@ -213,23 +213,25 @@ class WhitenedOrth(Direction):
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             cov, root = bank_whitening(bank)
-            counts = ctx.counts[id(bank)][0][:, 0]
+            counts = ctx.counts[id(bank)][0][:, 0]  # (L, 1)
             keep = stats.active & ctx.live
             refresh = bank.whiten_steps % self.config.whiten_every == 0  # host counter: no sync
             bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)  # EMA's
-            # One layer at a time: the (d, d) temporaries of the EMA and the inverse root then
-            # cost one layer's size, not the bank's (MiniLM's six 1536-wide layers: 56 MB each).
-            for i, n in enumerate(bank.neurons):
-                c_i = W.centred_second_moment(bank.sum_x[i], symmetrized(n.capture.gram),  # type: ignore[union-attr]
-                                              counts[i])
-                torch.where(keep[i], torch.lerp(cov[i], c_i, 1.0 - self.decay), cov[i],
-                            out=cov[i])
+            # Batched over the bank's layers, in chunks whose (l, d, d) temporaries stay under
+            # COV_CHUNK_BYTES: a few ops per chunk, not per layer, and a bounded temporary.
+            for rows in layer_chunks(len(bank.neurons), cov.shape[-1], cov.element_size()):
+                grams = [n.capture.gram for n in bank.neurons[rows]]  # type: ignore[union-attr]
+                c = symmetrize_(torch.stack(grams))  # this step's x xᵀ sums (l, d, d)
+                W.centre_(c, bank.sum_x[rows], counts[rows])
+                # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
+                torch.where(keep[rows, None, None], c, cov[rows], out=c)
+                cov[rows].lerp_(c, 1.0 - self.decay)
                 if refresh:
-                    damped = W.damp(cov[i] / bias[i], self.damping)
+                    damped = W.damp(cov[rows] / bias[rows], self.damping)
                     if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
-                        root[i].copy_(W.inverse_root_eigh(damped)[0])
+                        root[rows] = W.inverse_root_eigh(damped)[0]
                     else:  # matmuls only: eigh's error check would wait for the device
-                        root[i].copy_(W.inverse_sqrt_newton_schulz(damped, self.ns_iters))
+                        root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
             bank.whiten_steps += 1
             g = ctx.bank_grads(bank)
             last = bank.neurons[0].feature_axis == 1
@@ -292,6 +294,18 @@ GRAM_ASPECT = 1.5
 #: (any aspect): there ``eigh`` of a (256, 256) matrix costs about ten of its products, against
 #: the iteration's seventeen (twenty at 128: no gain below about 192).
 SPECTRAL_MIN = 192
+
+
+#: The largest ``(l, d, d)`` temporary of a bank's covariance update: its layers are batched in
+#: chunks of this size (MiniLM's six 1536-wide layers, 56 MB, are one chunk).
+COV_CHUNK_BYTES = 64 << 20
+
+
+def layer_chunks(layers: int, d: int, itemsize: int) -> list[slice]:
+    """Consecutive slices of ``layers`` whose ``(l, d, d)`` stacks fit :data:`COV_CHUNK_BYTES`
+    (at least one layer each)."""
+    per = max(1, COV_CHUNK_BYTES // max(1, d * d * itemsize))
+    return [slice(lo, min(layers, lo + per)) for lo in range(0, layers, per)]
 
 
 def bank_inverse(bank: Bank) -> Tensor:

@@ -28,6 +28,14 @@ def centred_second_moment(x_sum: torch.Tensor, xx_sum: torch.Tensor,
     return xx_sum / per_matrix - mean[..., :, None] * mean[..., None, :]
 
 
+def centre_(xx_sum: torch.Tensor, x_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """In place: a stack of sums ``Σ x xᵀ`` ``(L, d, d)`` becomes :func:`centred_second_moment`,
+    ``Σ x xᵀ / n - μ μᵀ``, given ``Σ x`` ``(L, d)`` and the counts ``n`` ``(L, 1)``."""
+    mean = x_sum / count
+    xx_sum.div_(count[..., None])
+    return xx_sum.sub_(mean[..., :, None] * mean[..., None, :])
+
+
 def damp(c: torch.Tensor, damping: float) -> torch.Tensor:
     """``C + damping · (tr C / d) · I``: a ridge relative to the mean eigenvalue, so scale-free."""
     if damping < 0:

@@ -704,3 +704,42 @@ def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype) -> None:
     for (name, a), b in zip(net.named_parameters(), other.parameters()):
         assert torch.equal(a, b), name
     assert "input_inv_sqrt" in fresh.state[other[0][0].down.weight]
+
+
+@pytest.mark.parametrize("chunk_layers", [1, 2, 3])
+def test_a_bank_updates_its_covariances_in_chunks_of_layers(monkeypatch, chunk_layers) -> None:
+    """Three same-shape layers (one bank) with the covariance update batched in chunks of 1, 2
+    (2 + 1) or 3 layers: every layer's step equals the dense ``orth(G C^{-1/2}) C^{-1/2}`` with
+    its own input covariance, across a refresh, and so does its saved covariance."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+    from hf_slnb import directions as Dn
+
+    d = 5
+    monkeypatch.setattr(Dn, "COV_CHUNK_BYTES", chunk_layers * d * d * 8)
+    assert Dn.layer_chunks(3, d, 8) == [slice(lo, min(3, lo + chunk_layers))
+                                        for lo in range(0, 3, chunk_layers)]
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(d, d) for _ in range(3)).double()
+    opt = SLNB(layers.parameters(), model=layers, preset="whitened", momentum=0.0,
+               weight_decay=0.0, lr=1e-2, whiten_every=2)
+    covs = [torch.zeros(d, d, dtype=D) for _ in layers]
+    roots = list(covs)
+    for step in range(3):
+        xs = [torch.randn(30, d, dtype=D) * torch.linspace(0.3, 3.0, d, dtype=D) * (i + 1) + step
+              for i in range(3)]
+        w0 = [lin.weight.detach().clone() for lin in layers]
+        sum(lin(x).pow(3).mean() for lin, x in zip(layers, xs)).backward()
+        grads = [lin.weight.grad.clone() for lin in layers]
+        opt.step()
+        opt.zero_grad()
+        for i, (lin, x) in enumerate(zip(layers, xs)):
+            mu = x.mean(0)
+            covs[i] = 0.95 * covs[i] + 0.05 * (x.T @ x / 30 - torch.outer(mu, mu))
+            if step % 2 == 0:  # a refresh: the root of the bias-corrected, damped EMA
+                roots[i] = _dense_inv_sqrt(W.damp(covs[i] / (1 - 0.95 ** (step + 1)), 0.1))
+            u = W.whitened_orth(grads[i], roots[i]) * 0.2 * d ** 0.5
+            torch.testing.assert_close(lin.weight.detach(), w0[i] - 1e-2 * u,
+                                       rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(opt.state[lin.weight]["input_cov"], covs[i])

@@ -18,6 +18,7 @@ from .base import (
     neuron_for,
     register_layer,
     stat_dtype,
+    symmetrize_,
     symmetrized,
 )
 from .linear import Conv1DNeuron, LinearNeuron, is_hf_conv1d  # registration order: Linear first
@@ -27,4 +28,4 @@ from .embedding import EmbeddingNeuron
 __all__ = ["BACKENDS", "GRAM_BLOCK", "LAYER_TYPES", "Bank", "Capture", "Conv1DNeuron",
            "ConvNeuron", "EmbeddingNeuron", "LinearNeuron", "Neuron", "add_gram_upper",
            "gram_upper_blocks", "is_hf_conv1d", "neuron_for", "register_layer",
-           "stat_dtype", "symmetrized"]
+           "stat_dtype", "symmetrize_", "symmetrized"]

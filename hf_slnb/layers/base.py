@@ -153,16 +153,22 @@ def gram_upper_blocks(gram: Tensor, block: int = GRAM_BLOCK) -> list[Tensor]:
 
 
 def symmetrized(gram: Tensor, block: int = GRAM_BLOCK) -> Tensor:
-    """A full symmetric copy of a gram accumulated by :func:`add_gram_upper`: its diagonal and
-    upper blocks, each upper block copied transposed below. Tile by tile, because adding a
-    whole transposed matrix reads across rows (on the CPU 4-9x slower: a (1536, 1536) gram in
-    35 ms against 4 ms)."""
-    out = gram.clone()
-    d = gram.shape[0]
+    """A full symmetric copy of a gram accumulated by :func:`add_gram_upper`
+    (:func:`symmetrize_` of a clone)."""
+    return symmetrize_(gram.clone(), block)
+
+
+def symmetrize_(gram: Tensor, block: int = GRAM_BLOCK) -> Tensor:
+    """In place, for one gram ``(d, d)`` or a stack ``(..., d, d)`` accumulated by
+    :func:`add_gram_upper`: each upper block copied transposed below the diagonal blocks, one op
+    per block pair whatever the stack's size. Tile by tile, because adding a whole transposed
+    matrix reads across rows (on the CPU 4-9x slower: a (1536, 1536) gram in 35 ms against 4
+    ms)."""
+    d = gram.shape[-1]
     for i in range(0, d, block):
         for j in range(i + block, d, block):
-            out[j : j + block, i : i + block] = gram[i : i + block, j : j + block].T
-    return out
+            gram[..., j : j + block, i : i + block] = gram[..., i : i + block, j : j + block].mT
+    return gram
 
 
 @dataclass
