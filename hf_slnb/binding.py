@@ -154,6 +154,9 @@ class ModelBinding:
             if n.needs_moments and self.config.direction == "whitened_orth":
                 n.backend = "explicit"  # the whitening needs every step's sum x x^T
                 n.gram_rows = self.config.cov_rows
+        for bank in self.banks:  # the whitening reads each step's x xᵀ as a stack
+            if self.config.direction == "whitened_orth" and bank.neurons[0].needs_moments:
+                bank.keep_grams()
         for n in self.neurons:
             cap, bank, row = old[id(n)]
             ref = weakref.ref(self)
@@ -162,8 +165,14 @@ class ModelBinding:
                 for key in ("stats", "sums"):
                     getattr(n.bank, key)[n.row].copy_(getattr(bank, key)[row])
                 n.bank.stat_step[n.row].copy_(bank.stat_step[row])  # type: ignore[union-attr]
+                if bank.grams is not None and n.bank_gram is not None:
+                    n.bank_gram.copy_(bank.grams[row])  # eager and compiled captures' x xᵀ
             if cap is not None:
                 cap.sum_x, cap.sum_x2 = n.rows
+                if cap.gram is not None and n.bank_gram is not None and cap.gram is not n.bank_gram:
+                    if bank is None or bank.grams is None:  # the capture held its own
+                        n.bank_gram.copy_(cap.gram)
+                    cap.gram = n.bank_gram
         self._arenas_stale = True
 
     # -- parameters replaced after construction ---------------------------------------------------

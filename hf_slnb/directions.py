@@ -208,8 +208,7 @@ class WhitenedOrth(Direction):
 
     def compute(self, ctx: StepContext) -> None:
         for bank in ctx.banks:
-            if not self.applies(bank) or not ctx.captured[id(bank)] or any(
-                    n.capture.gram is None for n in bank.neurons):  # type: ignore[union-attr]
+            if not self.applies(bank) or not ctx.captured[id(bank)] or bank.grams is None:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             cov, root = bank_whitening(bank)
@@ -220,8 +219,8 @@ class WhitenedOrth(Direction):
             # Batched over the bank's layers, in chunks whose (l, d, d) temporaries stay under
             # COV_CHUNK_BYTES: a few ops per chunk, not per layer, and a bounded temporary.
             for rows in layer_chunks(len(bank.neurons), cov.shape[-1], cov.element_size()):
-                grams = [n.capture.gram for n in bank.neurons[rows]]  # type: ignore[union-attr]
-                c = symmetrize_(torch.stack(grams))  # this step's x xᵀ sums (l, d, d)
+                c = symmetrize_(bank.grams[rows])  # this step's x xᵀ sums (l, d, d), in place:
+                # the bank's sums are zeroed after the step
                 W.centre_(c, bank.sum_x[rows], counts[rows])
                 # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
                 torch.where(keep[rows, None, None], c, cov[rows], out=c)

@@ -115,7 +115,7 @@ class CaptureHook:
             if not compiling:  # under torch.compile a functional head is not fed (documented)
                 self._capture_hidden(neuron, output)
             return
-        if compiling and live[0].config.diagonal_only:
+        if compiling and neuron.compiles:
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
             if isinstance(x, Tensor) and isinstance(output, Tensor) and output.requires_grad:
                 return neuron.capture_compiled(x, output)  # the output, through the capture

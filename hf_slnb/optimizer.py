@@ -282,6 +282,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
                     n.has_stats = True
                     self._publish_neuron(n)
         sums = [b.sums for b in self.banks]
+        sums += [b.grams for b in self.banks if b.grams is not None]
         if sums:
             torch._foreach_zero_(sums)
         for n in self.neurons:

@@ -30,7 +30,7 @@ def _model(name: str) -> torch.nn.Module:
         tie_word_embeddings=False, use_cache=False))
 
 
-def _train(name: str, backend: str | None, optimizer: str = "slnb"
+def _train(name: str, backend: str | None, optimizer: str = "slnb", **options: object
            ) -> tuple[list[torch.Tensor], float, int]:
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
@@ -38,7 +38,7 @@ def _train(name: str, backend: str | None, optimizer: str = "slnb"
     dynamo.reset()
     counters.clear()
     model = _model(name).train()
-    opt = (SLNB(model.parameters(), model=model) if optimizer == "slnb"
+    opt = (SLNB(model.parameters(), model=model, **options) if optimizer == "slnb"
            else torch.optim.AdamW(model.parameters(), lr=1e-3))
     run = model if backend is None else torch.compile(model, backend=backend)
     gen = torch.Generator().manual_seed(1)
@@ -65,11 +65,40 @@ def test_compiled_model_trains_bit_for_bit_without_extra_graph_breaks(name: str,
     assert fraction_c == fraction > 0.95
 
 
-def test_inductor_trains_within_1e5_of_eager(float32_one_thread) -> None:
-    eager, fraction, _ = _train("llama", None)
-    compiled, fraction_c, breaks = _train("llama", "inductor")
+#: The whitened preset with a refresh every second step and ``x xᵀ`` estimated from 8 of every
+#: forward's 32 positions (the strided, centred estimate): both paths of its capture.
+WHITENED = {"preset": "whitened", "lr": 1e-2, "whiten_every": 2, "cov_rows": 8}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("cov_rows", [8, 0])
+def test_the_whitened_preset_compiles_its_captures(name: str, cov_rows: int,
+                                                   float32_one_thread) -> None:
+    """The whitened preset's ``x xᵀ`` captures inside ``torch.compile``: no more graph breaks
+    than AdamW's, and ``aot_eager`` trains bit for bit as eager (which shares one product
+    between layers reading one input, q/k/v and gate/up, where the compiled graph computes
+    each)."""
+    options = {**WHITENED, "cov_rows": cov_rows}
+    eager, fraction, _ = _train(name, None, **options)
+    compiled, fraction_c, breaks = _train(name, "aot_eager", **options)
+    _, _, breaks_adamw = _train(name, "aot_eager", optimizer="adamw")
+    assert breaks <= breaks_adamw, (breaks, breaks_adamw)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    assert fraction_c == fraction > 0.5
+
+
+@pytest.mark.parametrize("options,tol", [({}, 1e-5), (WHITENED, 1e-4)],
+                         ids=["graft", "whitened"])
+def test_inductor_trains_within_tol_of_eager(options: dict, tol: float,
+                                             float32_one_thread) -> None:
+    """Inductor orders the captures' float32 sums its own way. The whitened preset's steps
+    move with such rounding more than the default's, through the inverse root and the
+    orthogonalisation of nearly degenerate directions: 2e-5 measured, so 1e-4, against a
+    distance moved of 9e-3 RMS (3e-2 at most) over these three steps at lr 1e-2."""
+    eager, fraction, _ = _train("llama", None, **options)
+    compiled, fraction_c, breaks = _train("llama", "inductor", **options)
     assert breaks == 0
-    assert max(float((a - b).abs().max()) for a, b in zip(eager, compiled)) <= 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(eager, compiled)) <= tol
     assert fraction_c == fraction
 
 

@@ -113,31 +113,38 @@ class SharedGram(threading.local):
 
     def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0,
                total: Tensor | None = None) -> None:
-        """``gram += x^T x`` (upper blocks), reusing the product of the same input.
-
-        With ``rows`` > 0 and more positions than that, every ``k``-th position
-        (:func:`row_stride`) estimates it as ``n (S + m mᵀ)``: ``S`` the kept rows' covariance
-        about their own mean, ``m`` the mean of all ``n``. Then ``x^T x / n - m mᵀ`` is ``S``,
-        positive semi-definite: rescaling the kept rows' raw ``x^T x`` instead leaves the
-        centred covariance indefinite wherever the inputs have a large mean (GPT-2's: eigenvalues
-        down to -1.8x the mean one), and its inverse root then blows up. ``total``, the sum of
-        all rows if the caller has it, saves recomputing their mean."""
+        """``gram += x^T x`` (upper blocks; with ``rows``, estimated: :func:`input_gram`),
+        reusing the product of the same input. ``total``, the sum of all rows if the caller has
+        it, saves recomputing their mean."""
         key = self._key
         if (key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype
                 or key[3] != rows):
-            flat = x.reshape(-1, d).to(gram.dtype)
-            n = flat.shape[0]
-            prod = torch.zeros_like(gram)
-            if 0 < rows < n:
-                kept = flat[:: row_stride(n, rows, x.shape[-2] if x.dim() > 2 else 1)]
-                add_gram_upper(prod, kept - kept.mean(0))
-                prod.mul_(n / kept.shape[0])
-                mean = flat.mean(0) if total is None else total.to(gram.dtype) / n
-                prod.addr_(mean, mean, alpha=n)
-            else:
-                add_gram_upper(prod, flat)
+            prod = input_gram(x, d, rows, gram.dtype, total)
             self._key, self._gram = (weakref.ref(x), x._version, gram.dtype, rows), prod
         gram.add_(self._gram)
+
+
+def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
+               total: Tensor | None = None) -> Tensor:
+    """One input's ``x^T x`` ``(d, d)`` in ``dtype`` (upper blocks: :func:`add_gram_upper`),
+    over all its positions, or with ``rows`` > 0 and more positions than that estimated from
+    every ``k``-th one (:func:`row_stride`) as ``n (S + m mᵀ)``: ``S`` the kept rows' covariance
+    about their own mean, ``m`` the mean of all ``n`` (``total / n`` when the caller has the sum
+    ``total``). Rescaling the kept rows' raw ``x^T x`` instead would leave the centred
+    covariance indefinite wherever the inputs have a large mean (GPT-2's: eigenvalues down to
+    -1.8x the mean one), and its inverse root would then blow up."""
+    flat = x.reshape(-1, d).to(dtype)
+    n = int(flat.shape[0])  # a concrete size under torch.compile too (the stride needs one)
+    prod = torch.zeros(d, d, dtype=dtype, device=x.device)
+    if 0 < rows < n:
+        kept = flat[:: row_stride(n, rows, int(x.shape[-2]) if x.dim() > 2 else 1)]
+        add_gram_upper(prod, kept - kept.mean(0))
+        prod.mul_(n / kept.shape[0])
+        mean = flat.mean(0) if total is None else total.to(dtype) / n
+        prod.addr_(mean, mean, alpha=n)
+    else:
+        add_gram_upper(prod, flat)
+    return prod
 
 
 #: One per thread (a backward pass runs its hooks on one thread per device).
@@ -230,13 +237,27 @@ class Bank:
         self.has_bias = neurons[0].bias is not None
         self.layout: Any = None  # hf_slnb.sharding: set by the optimizer
         self.sol: tuple[Tensor, ...] | None = None  # PCG warm starts (w, b) stacks
+        #: This step's ``x^T x`` sums ``(L, d, d)`` (upper blocks), for directions that need
+        #: every step's (see :meth:`keep_grams`); ``None`` otherwise (each capture then holds
+        #: its own). Zeroed after every step.
+        self.grams: Tensor | None = None
         rows_x, rows_x2 = self.sum_x.unbind(), self.sum_x2.unbind()
         mus, nus, steps = self.mu.unbind(), self.nu.unbind(), self.stat_step[:, 0, 0].unbind()
         self.state_rows = list(zip(mus, nus, steps))  # views made once, for optimizer.state
         for i, n in enumerate(neurons):
             n.bank, n.row = self, i
             n.rows = (rows_x[i], rows_x2[i])  # views made once: a capture costs no view op
+            n.bank_gram = None  # until the bank keeps its grams (keep_grams)
             n.count_row = self.compiled_counts[i]
+
+    def keep_grams(self) -> None:
+        """Hold the layers' ``x^T x`` sums in one bank tensor: captures add into its rows (eager
+        ones and those made inside ``torch.compile`` alike) and the step reads them as a stack."""
+        if self.grams is None:
+            L, d = len(self.neurons), self.neurons[0].num_features
+            self.grams = torch.zeros(L, d, d, dtype=self.dtype, device=self.device)
+        for n, row in zip(self.neurons, self.grams.unbind()):
+            n.bank_gram = row
 
     def all_captured(self) -> bool:
         """Whether every layer of the bank saw input this step (a host fact)."""
@@ -298,6 +319,8 @@ class Neuron:
         self.compiled_seen = False
         self.bank: Bank | None = None
         self.row = 0
+        #: Its row of the bank's ``x^T x`` sums when the bank keeps them (:meth:`Bank.keep_grams`).
+        self.bank_gram: Tensor | None = None
         self.cg_iters_hint = 2
         self.ridge = 0.0
         self.reduce_fn: Callable[[list[Tensor]], None] | None = None
@@ -335,9 +358,11 @@ class Neuron:
         if self.capture is None:
             assert bank is not None
             d = self.num_features
-            self.capture = Capture(*self.rows, explicit=explicit,
-                                   gram=torch.zeros(d, d, dtype=self.dtype,
-                                                    device=self.weight.device) if explicit else None)
+            gram = None
+            if explicit:
+                gram = (self.bank_gram if self.bank_gram is not None else
+                        torch.zeros(d, d, dtype=self.dtype, device=self.weight.device))
+            self.capture = Capture(*self.rows, explicit=explicit, gram=gram)
         return self.capture
 
     @property
@@ -349,15 +374,24 @@ class Neuron:
         """Forget what was captured since the last step (its bank rows are zeroed)."""
         if self.captured:
             self.bank.sums[self.row].zero_()  # type: ignore[union-attr]
+            if self.bank_gram is not None:
+                self.bank_gram.zero_()
             if self.compiled_seen:
                 self.count_row.zero_()
             self.capture = None
             self.compiled_seen = False
 
+    @property
+    def compiles(self) -> bool:
+        """Whether its captures can run inside ``torch.compile`` (:meth:`capture_compiled`): the
+        diagonal statistics, and the ``x^T x`` where the bank keeps its layers' sums."""
+        return not getattr(self, "needs_moments", False) or self.bank_gram is not None
+
     def capture_compiled(self, x: Tensor, output: Tensor) -> Tensor:
         """Inside ``torch.compile``: reduce the input in the forward (traced into the graph) and
         add the sums in a backward hook made of tensor ops only, so that Dynamo keeps one
-        graph. Only the diagonal statistics (the default preset's); counts are device tensors."""
+        graph: the diagonal statistics, and where the bank keeps them (:meth:`Bank.keep_grams`)
+        the ``x^T x`` of the input, summed in that backward; counts are device tensors."""
         bank = self.bank
         assert bank is not None
         total, second, squared = self.reduce_input(x)
@@ -365,8 +399,11 @@ class Neuron:
         pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=total.device)
         self.compiled_seen = True
         bank.compiled = True
+        gram = None
+        if getattr(self, "needs_moments", False) and self.bank_gram is not None:
+            gram = (x.detach(), self.bank_gram, self.gram_rows)
         return _CompiledCapture.apply(output, total, second, squared, pair, self.rows,
-                                      self.count_row)
+                                      self.count_row, gram)
 
     def reduce_input(self, x: Tensor) -> tuple[Tensor, Tensor | None, bool]:
         """The sum of one input's features over its positions, under ``no_grad``, and what the
@@ -434,7 +471,11 @@ class Neuron:
     def reduce_tensors(self) -> list[Tensor]:
         """What a data-parallel reduction sums besides the bank rows (the explicit gram)."""
         cap = self.capture
-        return gram_upper_blocks(cap.gram) if cap is not None and cap.gram is not None else []
+        if cap is not None and cap.gram is not None:
+            return gram_upper_blocks(cap.gram)
+        if self.compiled_seen and self.bank_gram is not None:
+            return gram_upper_blocks(self.bank_gram)
+        return []
 
     # -- maths ----------------------------------------------------------------------------------
     def prepare(self, ridge: float, n_out: Tensor) -> None:
@@ -463,18 +504,21 @@ class Neuron:
 
 class _CompiledCapture(torch.autograd.Function):
     """The layer's output, unchanged (a view); its backward adds the forward's reductions into
-    the layer's bank rows. They travel as ``ctx`` attributes, not saved tensors, so no version
-    check trips when the rows of one stack change between a forward and its backward."""
+    the layer's bank rows, and the input's ``x^T x`` (:func:`input_gram`, as the eager capture
+    adds it) where the bank keeps those. They travel as ``ctx`` attributes, not saved tensors,
+    so no version check trips when the rows of one stack change between a forward and its
+    backward."""
 
     @staticmethod
     def forward(ctx: Any, out: Tensor, total: Tensor, second: Tensor | None, squared: bool,
-                pair: Tensor, sums: tuple[Tensor, Tensor], counts: Tensor) -> Tensor:
-        ctx.parts = (total, second, squared, pair, sums, counts)
+                pair: Tensor, sums: tuple[Tensor, Tensor], counts: Tensor,
+                gram: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+        ctx.parts = (total, second, squared, pair, sums, counts, gram)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        total, second, squared, pair, sums, counts = ctx.parts
+        total, second, squared, pair, sums, counts, gram = ctx.parts
         with torch.no_grad():
             sums[0].add_(total)
             if second is not None and squared:
@@ -482,7 +526,10 @@ class _CompiledCapture(torch.autograd.Function):
             elif second is not None:
                 sums[1].addcmul_(second, second)
             counts.add_(pair)
-        return grad, None, None, None, None, None, None
+            if gram is not None:
+                x, target, rows = gram
+                target.add_(input_gram(x, x.shape[-1], rows, target.dtype, total))
+        return grad, None, None, None, None, None, None, None
 
 
 #: Layer helpers in the order they are tried: ``(accepts(module, embeddings), helper class)``.
