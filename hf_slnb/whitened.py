@@ -149,7 +149,12 @@ def whitened_orth_gram(m: torch.Tensor, c_inv_sqrt: torch.Tensor,
     :func:`whitened_orth` when ``l >= 1.5 s``; with ``spectral`` (``Q`` from an eigendecomposition
     of ``S``: the CPU, ``s >= 192``) square layers gain too. Forming ``S`` squares ``X``'s
     condition number, so use it in float32 or float64 (relative error 1e-5 to 6e-4 in
-    float32, against 2e-2 for Muon's bfloat16), not bfloat16.
+    float32, against 2e-2 for Muon's bfloat16), not bfloat16. Where ``X`` has a null direction
+    (inputs from a LayerNorm lie in a hyperplane), ``S``'s eigenvalue there is rounding,
+    ``eps ‖S‖``: with ``spectral`` the direction stays right (``Q`` meets ``X``'s own, tiny
+    component) and only the size ``Σ λ t(λ)²`` counts it (0.4% on a (300, 8) layer); iterated,
+    ``Q`` grows about 500-fold along it and rounding leaks into the direction (20% there), so
+    the optimizer iterates on ``X`` itself wherever it does not take ``spectral``.
     """
     wide = m.shape[-2] <= m.shape[-1]
     mt = m.transpose(-2, -1)

@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed.py: SLNB under torch DDP (gloo, CPU).
 
 Run as ``torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT BACKEND MICRO`` (data parallel) or
-``python tests/_ddp_worker.py OUT BACKEND MICRO`` (one process on the global batch).
+``python tests/_ddp_worker.py OUT BACKEND MICRO`` (one process on the global batch); BACKEND
+``whitened`` runs ``preset="whitened"`` instead.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def main(out: str, backend: str, micro: int) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(0)
     model = Net()
-    opt = SLNB(model.parameters(), model=model, metric_backend=backend, lr=0.3)
+    if backend == "whitened":  # the whitened preset, a refresh of its roots every second step
+        opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2)
+    else:
+        opt = SLNB(model.parameters(), model=model, metric_backend=backend, lr=0.3)
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):

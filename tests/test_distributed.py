@@ -21,7 +21,8 @@ def _run(cmd: list[str], tmp: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backend,micro", [("auto", 1), ("auto", 2), ("matrix_free", 1)])
+@pytest.mark.parametrize("backend,micro", [("auto", 1), ("auto", 2), ("matrix_free", 1),
+                                           ("whitened", 2)])
 def test_two_processes_equal_one_process_on_the_global_batch(
     tmp_path: Path, backend: str, micro: int
 ) -> None:
@@ -36,7 +37,10 @@ def test_two_processes_equal_one_process_on_the_global_batch(
     for k, s in r0["state"]["state"].items():
         for key, v in s.items():
             assert torch.equal(v, r1["state"]["state"][k][key]), (k, key)
+    # The whitened preset orthogonalises gradients with a null direction (the LayerNorm-fed
+    # layer's): float32 rounding there moves its step by 2e-4 over these 5 steps, as much as
+    # splitting one process's batch in two does (1.9e-4); without the covariances' all-reduce
+    # it is 3e-2.
+    tol = 1e-3 if backend == "whitened" else 1e-5
     rel = (r0["params"] - single["params"]).norm() / single["params"].norm()
-    assert rel < 1e-5, float(rel)
-    moved = (r0["params"] - single["params"]).norm()
-    assert moved < 1e-4 * single["params"].norm()
+    assert rel < tol, float(rel)

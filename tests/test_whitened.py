@@ -743,3 +743,36 @@ def test_a_bank_updates_its_covariances_in_chunks_of_layers(monkeypatch, chunk_l
             torch.testing.assert_close(lin.weight.detach(), w0[i] - 1e-2 * u,
                                        rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(opt.state[lin.weight]["input_cov"], covs[i])
+
+
+def test_a_layer_fed_by_a_layernorm_is_orthogonalised_stably_in_float32() -> None:
+    """A tall float32 layer whose inputs come out of a LayerNorm (they lie in a hyperplane, so
+    ``M C^{-1/2}`` has a null direction): its step has the float64 definition's direction to
+    1e-3 (2e-4 measured) and its size to 1%. The Gram matrix's eigenvalue there is float32
+    rounding (``eps ‖S‖``, not ``σ²``), which the size ``Σ λ t(λ)²`` counts about 500²-fold:
+    0.4% here, one direction of eight. Newton-Schulz iterated on the Gram matrix's polynomial (the class's
+    form before) grew that much along it, and rounding leaked into the direction: 20% off."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    f32 = torch.float32  # whatever the default dtype (test_semantics sets float64)
+    lin = nn.Linear(8, 300, dtype=f32)
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
+               lr=1e-2, whiten_every=1)
+    x = torch.randn(64, 8, dtype=f32) * torch.linspace(0.5, 2.0, 8, dtype=f32)
+    x = torch.nn.functional.layer_norm(x, (8,))
+    w0 = lin.weight.detach().double()  # a copy: the weight is float32
+    lin(x).pow(3).mean().backward()
+    g = lin.weight.grad.double()
+    opt.step()
+    xd = x.double()
+    mu = xd.mean(0)
+    cov = xd.T @ xd / 64 - torch.outer(mu, mu)  # the EMA after one step, bias-corrected
+    assert torch.linalg.eigvalsh(cov)[0].abs() < 1e-12  # the hyperplane's normal: a null
+    u = W.whitened_orth(g, _dense_inv_sqrt(W.damp(cov, 0.1))) * 0.2 * 300 ** 0.5
+    step = (w0 - lin.weight.detach().double()) / 1e-2
+    unit = step / step.norm()
+    assert float((unit - u / u.norm()).norm()) < 1e-3, float((unit - u / u.norm()).norm())
+    assert abs(float(step.norm() / u.norm()) - 1) < 1e-2, float(step.norm() / u.norm())
