@@ -8,6 +8,7 @@ construction (Accelerate's FSDP2 sharding) and drops captures when gradients are
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Any
@@ -237,8 +238,8 @@ class ModelBinding:
                     f"SLNB: layer {n.name!r} got a gradient but SLNB never saw its input (the "
                     "layer was used functionally, e.g. through F.linear(x, layer.weight), or ran "
                     "in eval mode or under torch.no_grad()); it gets the identity metric. Call "
-                    "the module itself, or add it to skip_modules to silence this.",
-                    UserWarning, stacklevel=5)
+                    "the module itself, or add it to skip_modules to silence this."
+                    + _compiled_hint(), UserWarning, stacklevel=5)
 
     def _reduce_captures(self) -> dict[int, tuple[Tensor, Tensor]]:
         """Each bank's input and output positions on the device (one copy per bank), with its
@@ -295,6 +296,25 @@ class ModelBinding:
         self._param_ids = self._current_param_ids()
         self._build_banks()
         self._install_hooks(new)
+
+
+def _compiled_hint() -> str:
+    """What to add to the uncaptured-layer warning when this process has compiled graphs."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return ""
+    try:
+        compiled = dynamo.utils.counters["stats"]["unique_graphs"] > 0
+        skips = bool(dynamo.config.skip_nnmodule_hook_guards)
+    except AttributeError:
+        return ""
+    if not (compiled and skips):
+        return ""
+    return (" If the model runs under torch.compile: Dynamo does not guard on module hooks "
+            "(torch._dynamo.config.skip_nnmodule_hook_guards=True), so a graph compiled earlier "
+            "in this process for another model of the same class runs here without SLNB's "
+            "hooks. Call torch._dynamo.reset() before compiling this model, or set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False.")
 
 
 __all__ = ["ModelBinding"]

@@ -119,3 +119,28 @@ def test_two_compiled_forwards_then_one_backward_count_both(float32_one_thread) 
     ref.step()
     dynamo.reset()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_graph_compiled_for_another_instance_is_named_in_the_warning(float32_one_thread
+                                                                       ) -> None:
+    """Dynamo does not guard on module hooks: a model compiled after another instance of its
+    class reuses that graph, without SLNB's hooks. The uncaptured-layer warning says so and
+    names the cure, and after ``torch._dynamo.reset()`` the same model is captured."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    x = torch.randint(0, 64, (2, 16))
+    plain = torch.compile(_model("llama").train(), backend="aot_eager")
+    plain(input_ids=x, labels=x).loss.backward()
+    model = _model("llama").train()
+    opt = SLNB(model.parameters(), model=model)
+    run = torch.compile(model, backend="aot_eager")
+    run(input_ids=x, labels=x).loss.backward()
+    with pytest.warns(UserWarning, match=r"never saw its input.*torch\._dynamo\.reset\(\)"):
+        opt.step()
+    opt.zero_grad()
+    dynamo.reset()
+    run = torch.compile(model, backend="aot_eager")
+    run(input_ids=x, labels=x).loss.backward()
+    assert all(n.captured for n in opt.neurons)
+    dynamo.reset()
