@@ -5,13 +5,13 @@ Three parts, each time-boxed and caught, so one failure never hides the others:
 1. ``pytest`` on the tests that apply to CUDA (``tests/test_cuda.py``: the paper preset on the
    device against the dense float64 reference, both presets against the CPU, float32 state for
    bf16 parameters) and the op counter's own tests.
-2. For SLNB's default and ``paper`` presets on a small GPT-2, after warm-up steps: forward,
+2. For SLNB's default, ``paper`` and ``whitened`` presets on a small GPT-2, after warm-up steps: forward,
    backward and ``step()`` each under ``torch.cuda.set_sync_debug_mode("error")``; then the same
    under ``"warn"``, to count the syncs of each phase and name the lines that caused them.
 3. A ~124M GPT-2 (n_embd 768, 12 layers, 12 heads, vocab 50257) trained in bf16 autocast with
-   SLNB (default preset) and with ``torch.optim.AdamW(fused=True)``, same initialisation and
-   data, steps alternating between the two (the first of each pair swaps every step); median
-   step time (forward + backward + step) ratio, peak memory ratio (each model alone,
+   SLNB (default preset), SLNB ``preset="whitened"`` and ``torch.optim.AdamW(fused=True)``, same
+   initialisation and data, steps interleaved (the order reverses every step); median step
+   time (forward + backward + step) ratios to AdamW, peak memory ratios (each model alone,
    ``torch.cuda.max_memory_allocated`` reset in between) and the loss after N steps.
 
 It prints one markdown summary and writes it as JSON to ``$OUT/gpu_check.json`` when ``OUT`` is
@@ -49,7 +49,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Tests that apply to CUDA (part 1).
 CUDA_TESTS = ("tests/test_cuda.py", "tests/test_count_ops.py")
 #: Part 2: SLNB's presets, and fused AdamW on the same model (the model's own syncs, if any).
-SYNC_CASES = ("graft", "paper", "adamw")
+SYNC_CASES = ("graft", "paper", "whitened", "adamw")
+#: Part 3: the optimizers trained side by side (SLNB's default preset, its ``whitened`` preset,
+#: fused AdamW) and how the summary names them.
+TRAIN_KINDS = {"slnb": "SLNB (default preset)", "whitened": "SLNB preset='whitened'",
+               "adamw": "AdamW(fused=True)"}
 PHASES = ("forward", "backward", "step")
 #: Dropout off: both optimizers then see exactly the same function (equal first losses).
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -245,10 +249,11 @@ def _gpt2(device: torch.device, dry: bool, seq: int) -> torch.nn.Module:
 
 
 def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if kind == "slnb":
+    if kind in ("slnb", "whitened"):
         from hf_slnb import SLNB
 
-        return SLNB(model.parameters(), model=model)
+        preset = {"preset": "whitened"} if kind == "whitened" else {}
+        return SLNB(model.parameters(), model=model, **preset)
     return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=True)
 
 
@@ -297,9 +302,9 @@ def peak_memory(kind: str, device: torch.device, dry: bool, batch: int, seq: int
 
 def compare_training(device: torch.device, dry: bool, batch: int, seq: int, steps: int,
                      warmup: int, deadline: Deadline) -> dict[str, Any]:
-    """SLNB against fused AdamW, alternating steps; times, losses and peak memory."""
+    """SLNB's presets against fused AdamW, interleaved steps; times, losses and peak memory."""
     out: dict[str, Any] = {"batch": batch, "seq": seq, "steps_asked": steps}
-    kinds = ("slnb", "adamw")
+    kinds = tuple(TRAIN_KINDS)
     out["peak_gib"] = {}
     for kind in kinds:
         try:
@@ -337,8 +342,9 @@ def compare_training(device: torch.device, dry: bool, batch: int, seq: int, step
     out["first_loss"] = {k: v[0] if v else None for k, v in losses.items()}
     out["final_loss"] = {k: v[-1] if v else None for k, v in losses.items()}
     t, m = out["median_step_s"], out["peak_gib"]
-    out["time_ratio"] = t["slnb"] / t["adamw"] if t["slnb"] and t["adamw"] else None
-    out["memory_ratio"] = m["slnb"] / m["adamw"] if m["slnb"] and m["adamw"] else None
+    for k, suffix in (("slnb", ""), ("whitened", "_whitened")):
+        out["time_ratio" + suffix] = t[k] / t["adamw"] if t[k] and t["adamw"] else None
+        out["memory_ratio" + suffix] = m[k] / m["adamw"] if m[k] and m["adamw"] else None
     return out
 
 
@@ -381,23 +387,26 @@ def summary(report: dict[str, Any]) -> str:
     tr = report.get("training", {})
     lines += ["", (f"**3. GPT-2 {_fmt(tr.get('params_m'), '.1f')}M, bf16 autocast, batch "
               f"{tr.get('batch')}x{tr.get('seq')}, {tr.get('timed_steps', {}).get('slnb', 0)} timed "
-              "steps each (alternating)**"), "",
+              "steps each (interleaved)**"), "",
               "| optimizer | median step (s) | peak memory (GiB) | loss first -> last |",
               "|---|---|---|---|"]
     if "error" in tr and "median_step_s" not in tr:
         lines.append(f"| failed: {tr['error']} at {tr['where']} | | | |")
     else:
-        for k, name in (("slnb", "SLNB (default preset)"), ("adamw", "AdamW(fused=True)")):
+        for k, name in TRAIN_KINDS.items():
             lines.append(f"| {name} | {_fmt(tr['median_step_s'][k], '.4f')} |"
                          f" {_fmt(tr['peak_gib'][k], '.2f')} | {_fmt(tr['first_loss'][k])} ->"
                          f" {_fmt(tr['final_loss'][k])} |")
-        lines.append(f"| **SLNB / AdamW** | **{_fmt(tr.get('time_ratio'), '.2f')}** |"
-                     f" **{_fmt(tr.get('memory_ratio'), '.2f')}** | |")
+        for label, suffix in (("SLNB / AdamW", ""), ("whitened / AdamW", "_whitened")):
+            lines.append(f"| **{label}** | **{_fmt(tr.get('time_ratio' + suffix), '.2f')}** |"
+                         f" **{_fmt(tr.get('memory_ratio' + suffix), '.2f')}** | |")
         for k, v in tr.get("errors", {}).items():
             lines.append(f"\n{k}: {v['error']} at {v['where']}")
         if tr.get("stopped_early"):
             lines.append(f"\nstopped early: {tr['stopped_early']}")
-    lines.append("\nTargets (issue 10): time ratio <= 1.05, memory ratio <= 1.05, 0 syncs.")
+    lines.append("\nTargets: issue 10 (default preset) time ratio <= 1.05, memory ratio <= 1.05, "
+                 "0 syncs; issue 13 (whitened) time ratio <= 1.15, memory AdamW's plus the "
+                 "per-layer statistics, 0 syncs.")
     return "\n".join(lines)
 
 

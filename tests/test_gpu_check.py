@@ -37,22 +37,27 @@ def test_dry_run_reports_every_part(tmp_path: Path, monkeypatch: Any, capsys: An
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text())["summary"] == (
         report["summary"])
     assert json.loads((tmp_path / "r.json").read_text())["syncs"] == report["syncs"]
-    assert [s["case"] for s in report["syncs"]] == ["graft", "paper", "adamw"]
-    adamw = report["syncs"][2]
+    assert [s["case"] for s in report["syncs"]] == ["graft", "paper", "whitened", "adamw"]
+    adamw = report["syncs"][3]
     assert all(adamw["error_mode"][ph]["ok"] for ph in gpu_check.PHASES), adamw
     assert adamw["warn_counts"] == {"forward": 0, "backward": 0, "step": 0}
-    for s in report["syncs"][:2]:  # SLNB: pass or fail, each phase has a verdict and a count
+    for s in report["syncs"][:3]:  # SLNB: pass or fail, each phase has a verdict and a count
         assert set(s["error_mode"]) == set(gpu_check.PHASES)
         assert set(s["warn_counts"]) == set(gpu_check.PHASES)
     tr = report["training"]
-    assert tr["timed_steps"] == {"slnb": 3, "adamw": 3}
+    assert tr["timed_steps"] == {"slnb": 3, "whitened": 3, "adamw": 3}
     # same initialisation, same first batch, no dropout: the first losses are the same number
-    assert tr["first_loss"]["slnb"] == tr["first_loss"]["adamw"]
-    assert tr["final_loss"]["slnb"] != tr["final_loss"]["adamw"]  # and the two did train
-    assert tr["time_ratio"] == tr["median_step_s"]["slnb"] / tr["median_step_s"]["adamw"]
+    assert tr["first_loss"]["slnb"] == tr["first_loss"]["whitened"] == tr["first_loss"]["adamw"]
+    finals = {tr["final_loss"][k] for k in ("slnb", "whitened", "adamw")}
+    assert len(finals) == 3  # and the three trained, each its own way
+    for k, suffix in (("slnb", ""), ("whitened", "_whitened")):
+        assert tr["time_ratio" + suffix] == (tr["median_step_s"][k]
+                                             / tr["median_step_s"]["adamw"])
     text = capsys.readouterr().out
     assert "| AdamW(fused=True) | ok | ok | ok | 0 / 0 / 0 | - |" in text
     assert "**SLNB / AdamW**" in text
+    assert "**whitened / AdamW**" in text
+    assert "| SLNB preset='whitened' | ok | ok | ok | 0 / 0 / 0 |" in text  # no sync on the CPU
 
 
 def test_a_failing_part_is_reported_and_the_rest_runs(monkeypatch: Any) -> None:
@@ -63,9 +68,9 @@ def test_a_failing_part_is_reported_and_the_rest_runs(monkeypatch: Any) -> None:
     monkeypatch.setattr(gpu_check, "check_syncs", boom)
     monkeypatch.setattr(gpu_check, "peak_memory", boom)
     report = gpu_check.main(["--dry-run", "--skip", "tests", "--steps", "1"])
-    assert [s["error"] for s in report["syncs"]] == ["ValueError: boom"] * 3
+    assert [s["error"] for s in report["syncs"]] == ["ValueError: boom"] * 4
     assert report["training"]["errors"]["memory/slnb"]["error"] == "ValueError: boom"
-    assert report["training"]["timed_steps"] == {"slnb": 1, "adamw": 1}
+    assert report["training"]["timed_steps"] == {"slnb": 1, "whitened": 1, "adamw": 1}
     assert "failed: ValueError: boom" in report["summary"]
 
 
