@@ -23,16 +23,16 @@ def centred_second_moment(x_sum: torch.Tensor, xx_sum: torch.Tensor,
                           count: float | torch.Tensor) -> torch.Tensor:
     """``E[(x - μ)(x - μ)ᵀ]`` from the sums ``Σ x`` (..., d), ``Σ x xᵀ`` (..., d, d) over ``count``
     samples (a number, or a tensor of shape ``x_sum.shape[:-1] + (1,)`` for a stack)."""
-    mean = x_sum / count
-    per_matrix = count[..., None] if isinstance(count, torch.Tensor) else count
-    return xx_sum / per_matrix - mean[..., :, None] * mean[..., None, :]
+    return centre_(xx_sum.clone(), x_sum, count)
 
 
-def centre_(xx_sum: torch.Tensor, x_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """In place: a stack of sums ``Σ x xᵀ`` ``(L, d, d)`` becomes :func:`centred_second_moment`,
-    ``Σ x xᵀ / n - μ μᵀ``, given ``Σ x`` ``(L, d)`` and the counts ``n`` ``(L, 1)``."""
+def centre_(xx_sum: torch.Tensor, x_sum: torch.Tensor,
+            count: float | torch.Tensor) -> torch.Tensor:
+    """In place: sums ``Σ x xᵀ`` (..., d, d) become :func:`centred_second_moment`,
+    ``Σ x xᵀ / n - μ μᵀ``, given ``Σ x`` (..., d) and the counts ``n`` (a number, or shaped
+    ``x_sum.shape[:-1] + (1,)``)."""
     mean = x_sum / count
-    xx_sum.div_(count[..., None])
+    xx_sum.div_(count[..., None] if isinstance(count, torch.Tensor) else count)
     return xx_sum.sub_(mean[..., :, None] * mean[..., None, :])
 
 

@@ -306,6 +306,7 @@ class Neuron:
     feature_axis = 1
     one_hot = False  # an embedding: its squared features are the features (no sum_x2 kept)
     gram_rows = 0  # positions per input that enter x^T x (0: all; cov_rows for whitened_orth)
+    needs_moments = False  # whether its capture keeps x^T x (set by the optimizer's binding)
     supports_explicit = True
     supports_matrix_free = True
 
@@ -385,7 +386,7 @@ class Neuron:
     def compiles(self) -> bool:
         """Whether its captures can run inside ``torch.compile`` (:meth:`capture_compiled`): the
         diagonal statistics, and the ``x^T x`` where the bank keeps its layers' sums."""
-        return not getattr(self, "needs_moments", False) or self.bank_gram is not None
+        return not self.needs_moments or self.bank_gram is not None
 
     def capture_compiled(self, x: Tensor, output: Tensor) -> Tensor:
         """Inside ``torch.compile``: reduce the input in the forward (traced into the graph) and
@@ -400,7 +401,7 @@ class Neuron:
         self.compiled_seen = True
         bank.compiled = True
         gram = None
-        if getattr(self, "needs_moments", False) and self.bank_gram is not None:
+        if self.bank_gram is not None:  # only banks of layers that need x^T x keep one
             gram = (x.detach(), self.bank_gram, self.gram_rows)
         return _CompiledCapture.apply(output, total, second, squared, pair, self.rows,
                                       self.count_row, gram)
