@@ -9,6 +9,7 @@ line (see ``tests/test_composability.py``, which adds a toy one).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import math
@@ -166,8 +167,10 @@ class WhitenedOrth(Direction):
     (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to the
     ``nn.Linear`` and HF ``Conv1D`` layers that ``orth_layers`` picks (by default those inside
     the repeated blocks: a classifier or pooler beside them is left out, as Muon's authors leave
-    out everything but the hidden matrices); embeddings, heads, convolutions and sharded layers
-    keep ``g`` (the step rule then gives them Adam's step). Needs each layer's ``sum x x^T``.
+    out everything but the hidden matrices); embeddings, heads and convolutions keep ``g`` (the
+    step rule then gives them Adam's step). An FSDP2-sharded layer is gathered whole for its
+    orthogonalisation on every rank, each keeping its shard (as Muon under FSDP2); its
+    covariance is replicated. Needs each layer's ``sum x x^T``.
     """
 
     name = "whitened_orth"
@@ -185,7 +188,7 @@ class WhitenedOrth(Direction):
         return (self.takes(neuron),)
 
     def applies(self, bank: Bank) -> bool:
-        return self.takes(bank.neurons[0]) and not bank.layout.sharded
+        return self.takes(bank.neurons[0])
 
     @staticmethod
     def size(m: Tensor) -> float:
@@ -232,12 +235,23 @@ class WhitenedOrth(Direction):
                     else:  # matmuls only: eigh's error check would wait for the device
                         root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
             bank.whiten_steps += 1
-            g = ctx.bank_grads(bank)
-            last = bank.neurons[0].feature_axis == 1
+            self.set_direction(ctx, bank, stats.active,
+                               lambda m, b=bank, r=root: self.orthogonalise(b, m, r))
+
+    def set_direction(self, ctx: StepContext, bank: Bank, active: Tensor,
+                      orth: Callable[[Tensor], Tensor]) -> None:
+        """The bank's weights take ``orth`` of their ``(L, out, in)`` stack at :meth:`size`
+        (the biases keep ``g``). A sharded layer (FSDP2) is gathered whole for it, and keeps
+        its shard of the result: an orthogonalisation does not split by rows."""
+        last = bank.neurons[0].feature_axis == 1
+
+        def whole(g: Stack) -> Stack:
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
-            u = self.orthogonalise(bank, m, root) * self.size(m)
-            h = u if last else u.transpose(1, 2)
-            ctx.set_slab_direction(bank, h, stats.active)
+            u = orth(m) * self.size(m)
+            return (u if last else u.transpose(1, 2),)
+
+        h = bank.layout.solve_whole(bank, ctx.bank_grads(bank)[:1], whole)[0]
+        ctx.set_slab_direction(bank, h, active)
 
     def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor) -> Tensor:
         """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``. On
@@ -282,12 +296,8 @@ class DiagWhitenedOrth(WhitenedOrth):
             if not self.applies(bank) or not ctx.captured[id(bank)]:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
-            g = ctx.bank_grads(bank)
-            last = bank.neurons[0].feature_axis == 1
-            m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
-            u = W.diag_whitened_orth(m, stats.inv.to(m.dtype).sqrt(),
-                                     dtype=self.orth_dtype(m)) * self.size(m)
-            ctx.set_slab_direction(bank, u if last else u.transpose(1, 2), stats.active)
+            self.set_direction(ctx, bank, stats.active, lambda m, s=stats: W.diag_whitened_orth(
+                m, s.inv.to(m.dtype).sqrt(), dtype=self.orth_dtype(m)))
 
 
 #: On the CPU, layers at least this many times longer than wide are orthogonalised on their Gram

@@ -125,9 +125,11 @@ class StateLayout:
                     dst.copy_(state[key].reshape(dst.shape))
             for key, stack in self.direction.bank_state(bank).items():
                 value = state.get(key)
-                if value is not None and value.data_ptr() != stack[i].data_ptr():
+                if value is None:
+                    continue
+                if value.data_ptr() != stack[i].data_ptr():  # else loaded in place (DCP)
                     stack[i].copy_(value)
-                    bank.whiten_steps = int(bank.stat_step[i].item())  # loading: a sync is fine
+                bank.whiten_steps = int(bank.stat_step[i].item())  # loading: a sync is fine
             sol = state.get("solution")
             if sol is not None:
                 owners = [n.weight] + ([n.bias] if n.bias is not None else [])

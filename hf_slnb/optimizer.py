@@ -70,7 +70,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
 
     Fully sharded data parallel (FSDP2, ``fully_shard``) is supported: build the optimizer after
     sharding. ``nn.Linear`` is preconditioned shard by shard (its shards are output rows); other
-    sharded layers gather their gradient for the solve and keep their shard of the result.
+    sharded layers, and every layer an orthogonalising direction takes, gather their gradient
+    for the solve and keep their shard of the result.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,

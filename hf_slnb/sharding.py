@@ -8,6 +8,9 @@
   input features; PCG across features; matrix-free products): every rank gathers the layer's
   gradient, solves it whole and keeps its shard of the result.
 
+A direction whose map does not split by rows (an orthogonalisation) calls ``solve_whole``: every
+sharded layout then gathers the layer, as Muon does under FSDP2.
+
 A sharded layer is a bank of its own (a stack of one).
 """
 
@@ -37,7 +40,15 @@ class Whole:
         return stacked_dot(a, b)
 
     def solve(self, bank: Bank, g: Stack, fn: Callable[[Stack], Stack]) -> Stack:
+        """``fn`` (a solve that splits by output rows) on this rank's stacks ``g``."""
         return fn(g)
+
+    def solve_whole(self, bank: Bank, g: Stack, fn: Callable[[Stack], Stack]) -> Stack:
+        """``fn`` (any map of a whole layer) on the layer's stacks: gathered when sharded, and
+        this rank's shard of the result kept."""
+        if not self.sharded:
+            return fn(g)
+        return _keep_shard(bank, fn(_gather(bank, g)))
 
     def gather(self, bank: Bank, local: Stack) -> Stack:
         """The whole layer's stacks from this rank's (the identity unless gathered)."""
@@ -61,15 +72,28 @@ class Gathered(Whole):
     sharded = True
 
     def solve(self, bank: Bank, g: Stack, fn: Callable[[Stack], Stack]) -> Stack:
-        neuron = bank.neurons[0]
-        owners = [neuron.weight] + ([neuron.bias] if len(g) == 2 else [])
-        out = fn(self.gather(bank, g))
-        return tuple(distributed.local_rows(t[0], p)[None] for t, p in zip(out, owners))
+        return self.solve_whole(bank, g, fn)
 
     def gather(self, bank: Bank, local: Stack) -> Stack:
-        neuron = bank.neurons[0]
-        owners = [neuron.weight] + ([neuron.bias] if len(local) == 2 else [])
-        return tuple(distributed.gather_rows(t[0], p)[None] for t, p in zip(local, owners))
+        return _gather(bank, local)
+
+
+def _owners(bank: Bank, stacks: Stack) -> list[Any]:
+    """The parameters of a sharded bank's (one layer's) stacks: its weight, then its bias."""
+    neuron = bank.neurons[0]
+    return [neuron.weight] + ([neuron.bias] if len(stacks) == 2 else [])
+
+
+def _gather(bank: Bank, local: Stack) -> Stack:
+    """A sharded layer's whole stacks from this rank's shards (one all-gather per tensor)."""
+    return tuple(distributed.gather_rows(t[0], p)[None]
+                 for t, p in zip(local, _owners(bank, local)))
+
+
+def _keep_shard(bank: Bank, whole: Stack) -> Stack:
+    """This rank's shards of a sharded layer's whole stacks (no communication)."""
+    return tuple(distributed.local_rows(t[0], p)[None]
+                 for t, p in zip(whole, _owners(bank, whole)))
 
 
 def layout_for(neuron: Neuron, diagonal_only: bool, group: object | None) -> Whole:

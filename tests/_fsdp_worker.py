@@ -1,6 +1,6 @@
 """Worker for tests/test_fsdp.py: SLNB on FSDP2-sharded parameters (``fully_shard``, gloo, CPU).
 
-``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT PRESET MICRO [resume|resume_full]``
+``torchrun --nproc_per_node 2 tests/_fsdp_worker.py OUT PRESET[:K=V,...] MICRO [resume|resume_full]``
 shards the model over two processes; ``python tests/_fsdp_worker.py OUT PRESET MICRO`` trains it
 unsharded in one process on the global batch. With ``resume`` / ``resume_full`` the sharded run
 checkpoints after step 3 the way Accelerate does for FSDP2 (sharded or full state dict),
@@ -50,8 +50,10 @@ def build(sharded: bool, preset: str) -> tuple[nn.Module, SLNB]:
         for name in ("conv", "lin", "hf", "wide"):
             fully_shard(getattr(model, name))
         fully_shard(model)
+    preset, _, extra = preset.partition(":")  # "whitened:direction=diag_whitened_orth"
+    options = dict(kv.split("=") for kv in extra.split(",") if kv)
     lr = 0.3 if preset == "paper" else 1e-2
-    return model, SLNB(model.parameters(), model=model, preset=preset, lr=lr)
+    return model, SLNB(model.parameters(), model=model, preset=preset, lr=lr, **options)
 
 
 def batches(rank: int, world: int):
