@@ -16,6 +16,7 @@ from .checkpoint import Checkpointing
 from .config import (
     GROUP_KEYS,
     OPTIONS,
+    ORTH_DIRECTIONS,
     PRESETS,
     check_group,
     docstring_table,
@@ -103,6 +104,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         self._param_ids = self._current_param_ids()
         self._build_banks()
         self._install_hooks(self.neurons)
+        self._warn_nothing_orthogonalised()
 
     def __getattr__(self, name: str) -> Any:
         config = self.__dict__.get("config")  # the optimizer-level options, read-only
@@ -120,6 +122,27 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
                 f"SLNB with cg_iters=0 and diagonal_only=False keeps every neuron's warm start "
                 f"(zero): neurons in parameter group {index} move only by weight decay. Use "
                 "diagonal_only=True for h = P g.", UserWarning, stacklevel=3)
+
+    def _warn_nothing_orthogonalised(self) -> None:
+        """An orthogonalising direction that takes none of the model's layers leaves every
+        parameter with Adam's step: AdamW at SLNB's cost. Say so, with the cure."""
+        if self.config.direction not in ORTH_DIRECTIONS or not self.neurons or any(
+                self.direction.takes(n) for n in self.neurons):
+            return
+        kinds: dict[str, int] = {}
+        for n in self.neurons:
+            label = "head" if getattr(n, "is_head", False) else type(n.module).__name__
+            kinds[label] = kinds.get(label, 0) + 1
+        found = ", ".join(f"{count} {label}" for label, count in kinds.items())
+        where = ("inside the repeated blocks, if there are any"
+                 if self.config.orth_layers == "blocks" else "anywhere")
+        warnings.warn(
+            f"SLNB (preset {self.config.preset!r}, direction {self.config.direction!r}): no "
+            f"layer of this model is orthogonalised (it takes nn.Linear and HF Conv1D layers "
+            f"other than the output head; orth_layers={self.config.orth_layers!r}: {where}; "
+            f"this model's layers: {found}). Every parameter takes Adam's step, so this is AdamW at extra "
+            "cost. Use preset='graft' to precondition every layer (convolutions and embeddings "
+            "included) with its input statistics.", UserWarning, stacklevel=3)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, validated as the constructor's are; its layers are hooked.

@@ -265,6 +265,26 @@ def test_orth_layers_falls_back_to_every_hidden_layer_without_blocks() -> None:
     assert all("input_cov" in opt.state[m.weight] for m in (net[0], net[2]))
 
 
+@pytest.mark.parametrize("preset", ["whitened", "whitened:diag"])
+def test_a_model_with_no_layer_to_orthogonalise_is_told_so(preset: str) -> None:
+    """An orthogonalising preset on a model of convolutions and embeddings is AdamW: a warning
+    says so and names the cure; a model with a layer to orthogonalise gets no such warning."""
+    import warnings
+
+    from hf_slnb import SLNB
+
+    options = {"direction": "diag_whitened_orth"} if preset.endswith("diag") else {}
+    convs = torch.nn.Sequential(torch.nn.Embedding(10, 3), torch.nn.Conv1d(5, 8, 3),
+                                torch.nn.ReLU(), torch.nn.Conv1d(8, 8, 3))
+    with pytest.warns(UserWarning, match=r"no layer of this model is orthogonalised .*1 "
+                                         r"Embedding, 2 Conv1d.*Use preset='graft'"):
+        SLNB(convs.parameters(), model=convs, preset="whitened", **options)
+    mlp = torch.nn.Sequential(torch.nn.Conv1d(5, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SLNB(mlp.parameters(), model=mlp, preset="whitened", **options)
+
+
 def test_orth_layers_is_checked_and_recorded() -> None:
     """A bad value is refused naming the allowed ones; a checkpoint of 'hidden' (or of an
     hf_slnb before the option, which kept covariances for the pooler) is refused by 'blocks'."""
