@@ -198,6 +198,14 @@ OPTIONS: tuple[Option, ...] = (
            ORTH_DTYPES, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "orthogonalises"),
+    Option("orth_split", bool, "in data parallel (several processes, unsharded layers), each "
+           "rank orthogonalises its share of every bank of same-shape layers and the results are "
+           "all-gathered, as distributed Muon does: the same numbers (bit for bit), 1/world of "
+           "the orthogonalisation's work, for one all-gather of those layers' float32 updates "
+           "per step. False orthogonalises every layer on every rank (no extra communication: "
+           "better on a slow network). No effect in one process.", _flag, acts=_orth,
+           why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
+           "orthogonalises"),
     Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "
            "C^-1/2 for direction='whitened_orth' (an eigendecomposition on the CPU, "
            "Newton-Schulz on accelerators), integer >= 1.", _positive, acts=_whitening,
@@ -276,6 +284,7 @@ class SLNBConfig:
     direction: str = "diagonal"
     orth_layers: str = "blocks"
     orth_dtype: str = "auto"
+    orth_split: bool = True
     whiten_every: int = 10
     cov_rows: int = 0
     diagonal_only: bool = True

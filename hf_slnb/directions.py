@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import whitened as W
 from .config import register
 from .functional import Stack, conjugate_gradient, per_layer
@@ -236,24 +237,34 @@ class WhitenedOrth(Direction):
                         root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
             bank.whiten_steps += 1
             self.set_direction(ctx, bank, stats.active,
-                               lambda m, b=bank, r=root: self.orthogonalise(b, m, r))
+                               lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows))
 
     def set_direction(self, ctx: StepContext, bank: Bank, active: Tensor,
-                      orth: Callable[[Tensor], Tensor]) -> None:
-        """The bank's weights take ``orth`` of their ``(L, out, in)`` stack at :meth:`size`
-        (the biases keep ``g``). A sharded layer (FSDP2) is gathered whole for it, and keeps
-        its shard of the result: an orthogonalisation does not split by rows."""
+                      orth: Callable[[Tensor, slice], Tensor]) -> None:
+        """The bank's weights take ``orth(m, rows)`` (the layers ``rows`` of the bank, their
+        ``(l, out, in)`` stack ``m``) at :meth:`size`; the biases keep ``g``. A sharded layer
+        (FSDP2) is gathered whole for it, and keeps its shard of the result: an
+        orthogonalisation does not split by rows. In data parallel, with ``orth_split``, each
+        rank orthogonalises its share of the bank's layers and the shares are all-gathered."""
         last = bank.neurons[0].feature_axis == 1
+        split = (self.config.orth_split and not bank.layout.sharded and len(bank.neurons) > 1
+                 and distributed.world_size(ctx.data_group) > 1)
 
         def whole(g: Stack) -> Stack:
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
-            u = orth(m) * self.size(m)
+            if split:
+                rows = distributed.share(len(m), ctx.data_group)
+                u = distributed.all_gather_shares(orth(m[rows], rows), len(m), ctx.data_group)
+            else:
+                u = orth(m, slice(None))
+            u = u * self.size(m)
             return (u if last else u.transpose(1, 2),)
 
         h = bank.layout.solve_whole(bank, ctx.bank_grads(bank)[:1], whole)[0]
         ctx.set_slab_direction(bank, h, active)
 
-    def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor) -> Tensor:
+    def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor,
+                      rows: slice = slice(None)) -> Tensor:
         """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``. On
         the CPU in float32 or float64, for layers whose short side is at least
         :data:`SPECTRAL_MIN` (any aspect) or that are at least :data:`GRAM_ASPECT` times longer
@@ -269,9 +280,10 @@ class WhitenedOrth(Direction):
         short, long = sorted(m.shape[1:])
         if (m.device.type != "cpu" or dtype == torch.bfloat16
                 or not (short >= SPECTRAL_MIN or long >= GRAM_ASPECT * short)):
-            return W.whitened_orth(m, root, dtype=dtype)
-        inv = bank_inverse(bank).to(dtype) if m.shape[1] <= m.shape[2] else None
-        return W.whitened_orth_gram(m.to(dtype), root.to(dtype), inv, spectral=True).to(m.dtype)
+            return W.whitened_orth(m, root[rows], dtype=dtype)
+        inv = bank_inverse(bank)[rows].to(dtype) if m.shape[1] <= m.shape[2] else None
+        return W.whitened_orth_gram(m.to(dtype), root[rows].to(dtype), inv,
+                                    spectral=True).to(m.dtype)
 
 
 class DiagWhitenedOrth(WhitenedOrth):
@@ -296,8 +308,9 @@ class DiagWhitenedOrth(WhitenedOrth):
             if not self.applies(bank) or not ctx.captured[id(bank)]:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
-            self.set_direction(ctx, bank, stats.active, lambda m, s=stats: W.diag_whitened_orth(
-                m, s.inv.to(m.dtype).sqrt(), dtype=self.orth_dtype(m)))
+            self.set_direction(ctx, bank, stats.active,
+                               lambda m, rows, s=stats: W.diag_whitened_orth(
+                                   m, s.inv[rows].to(m.dtype).sqrt(), dtype=self.orth_dtype(m)))
 
 
 #: On the CPU, layers at least this many times longer than wide are orthogonalised on their Gram

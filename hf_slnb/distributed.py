@@ -50,6 +50,30 @@ def all_reduce_sum(tensors: Sequence[Tensor], group: object | None = None) -> No
             offset += n
 
 
+def share(total: int, group: object | None = None) -> slice:
+    """This rank's contiguous share of ``total`` rows (``torch.chunk``'s split; may be empty)."""
+    world = world_size(group)
+    if world == 1:
+        return slice(0, total)
+    chunk = -(-total // world)
+    lo = min(dist.get_rank(group) * chunk, total)  # type: ignore[arg-type]
+    return slice(lo, min(lo + chunk, total))
+
+
+def all_gather_shares(mine: Tensor, total: int, group: object | None = None) -> Tensor:
+    """The ``total`` rows whose :func:`share` each rank holds (``mine``), on every rank: one
+    all-gather (shares padded to equal size)."""
+    world = world_size(group)
+    if world == 1:
+        return mine
+    chunk = -(-total // world)
+    padded = mine.new_zeros((chunk,) + tuple(mine.shape[1:]))
+    padded[: mine.shape[0]] = mine
+    out = mine.new_empty((world * chunk,) + tuple(mine.shape[1:]))
+    dist.all_gather(list(out.chunk(world)), padded, group=group)  # type: ignore[arg-type]
+    return out[:total]
+
+
 # ---------------------------------------------------------------------------------------------
 # Fully sharded parameters (FSDP2's DTensors, sharded along dim 0 on a 1-D mesh)
 # ---------------------------------------------------------------------------------------------

@@ -186,7 +186,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         counts = self._reduce_captures()  # first: it folds in the captures made under compile
         live = self._screen(params)
         ctx = StepContext(self._arenas, self.banks, frozenset(map(id, params)),
-                          live, self._group_of_param, counts, self._shard_group)
+                          live, self._group_of_param, counts, self._shard_group,
+                          self.process_group)
         self.rule.before(ctx)  # reads the raw gradients, which ctx.momentum overwrites
         ctx.momentum()
         self.direction.compute(ctx)

@@ -43,13 +43,16 @@ class StepContext:
         groups: Parameter id -> its parameter group.
         counts: Bank id -> ``(L,)`` input and ``(L,)`` output positions (on the device).
         shard_group: The FSDP2 process group (``None`` if nothing is sharded).
+        data_group: The data-parallel process group (``None``: the default group, if any).
     """
 
     def __init__(self, arenas: list[Arena], banks: list[Bank], stepped: frozenset[int],
                  live: Tensor, groups: dict[int, dict[str, Any]],
-                 counts: dict[int, tuple[Tensor, Tensor]], shard_group: object | None) -> None:
+                 counts: dict[int, tuple[Tensor, Tensor]], shard_group: object | None,
+                 data_group: object | None = None) -> None:
         self.arenas, self.live = arenas, live
         self.groups, self.counts, self.shard_group = groups, counts, shard_group
+        self.data_group = data_group
         self.slabs: list[Slab] = [s for a in arenas for s in a.slabs]
         self.g: dict[int, Tensor] = {}
         self.h: dict[int, Tensor] = {}

@@ -2,7 +2,9 @@
 
 Run as ``torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT BACKEND MICRO`` (data parallel) or
 ``python tests/_ddp_worker.py OUT BACKEND MICRO`` (one process on the global batch); BACKEND
-``whitened`` runs ``preset="whitened"`` instead.
+``whitened`` runs ``preset="whitened"`` instead, and ``split`` / ``nosplit`` run it on a stack of
+three same-shape layers with ``orth_split`` on / off (the file then records how many
+orthogonalisation all-gathers ran).
 """
 
 from __future__ import annotations
@@ -35,14 +37,47 @@ class Net(nn.Module):
         return self.out(torch.tanh(self.wide(h)))
 
 
+class Stack(nn.Module):
+    """Three same-shape hidden layers (one bank of 3: shares of 2 and 1 on two ranks) and a
+    second bank of two, beside a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.hidden = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.norm = nn.LayerNorm(8)
+        self.pair = nn.ModuleList(nn.Linear(8, 12) for _ in range(2))
+        self.out = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x.flatten(1)[:, :6]))
+        for layer in self.hidden:
+            h = torch.tanh(layer(h))
+        h = self.norm(h)
+        return self.out(torch.tanh(self.pair[0](h)) * torch.tanh(self.pair[1](h)))
+
+
 def main(out: str, backend: str, micro: int) -> None:
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(0)
-    model = Net()
-    if backend == "whitened":  # the whitened preset, a refresh of its roots every second step
+    model = Stack() if backend in ("split", "nosplit") else Net()
+    gathers = []
+    if backend in ("split", "nosplit"):
+        import hf_slnb.distributed as D
+
+        count = D.all_gather_shares
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            gathers.append(1)
+            return count(*args, **kwargs)
+
+        D.all_gather_shares = counted
+        opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2,
+                   orth_layers="hidden", orth_split=backend == "split")
+    elif backend == "whitened":  # the whitened preset, a refresh of its roots every second step
         opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2)
     else:
         opt = SLNB(model.parameters(), model=model, metric_backend=backend, lr=0.3)
@@ -61,7 +96,8 @@ def main(out: str, backend: str, micro: int) -> None:
         opt.step()
         model.zero_grad()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save({"params": flat, "state": opt.state_dict()}, f"{out}.rank{rank}.pt")
+    torch.save({"params": flat, "state": opt.state_dict(), "gathers": len(gathers)},
+               f"{out}.rank{rank}.pt")
     if distributed:
         dist.destroy_process_group()
 

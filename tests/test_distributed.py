@@ -21,6 +21,22 @@ def _run(cmd: list[str], tmp: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+def test_orth_split_shares_the_orthogonalisation_and_changes_no_number(tmp_path: Path) -> None:
+    """``orth_split``: each of two ranks orthogonalises its share of a bank of three layers (2 and
+    1) and of a bank of two, and the shares are all-gathered: bit for bit what every rank
+    computing every layer gives, on both ranks."""
+    for i, backend in enumerate(("split", "nosplit")):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(29400 + os.getpid() % 100 + i)]
+        _run(torchrun + [str(WORKER), str(tmp_path / backend), backend, "1"], tmp_path)
+    split = [torch.load(tmp_path / f"split.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    whole = torch.load(tmp_path / "nosplit.rank0.pt", weights_only=True)
+    assert split[0]["gathers"] == 10 and whole["gathers"] == 0  # 2 banks x 5 steps
+    assert torch.equal(split[0]["params"], split[1]["params"])
+    assert torch.equal(split[0]["params"], whole["params"])
+    assert not torch.equal(whole["params"][:10], torch.zeros(10))
+
+
 @pytest.mark.parametrize("backend,micro", [("auto", 1), ("auto", 2), ("matrix_free", 1),
                                            ("whitened", 2)])
 def test_two_processes_equal_one_process_on_the_global_batch(

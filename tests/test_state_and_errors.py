@@ -145,7 +145,8 @@ def test_state_dict_records_the_options_in_every_group() -> None:
             "format": 1, "preset": "paper", "trust_region": "global", "ridge_mode": "absolute",
             "diagonal_only": False, "precondition_embeddings": True, "skip_modules": ["^3$"],
             "norm_decay": 0.999, "direction": "pcg", "orth_layers": "blocks",
-            "metric_backend": "auto", "min_norm": 1e-2, "orth_dtype": "auto", "whiten_every": 10,
+            "metric_backend": "auto", "min_norm": 1e-2, "orth_dtype": "auto", "orth_split": True,
+            "whiten_every": 10,
             "cov_rows": 0,
             "eps": 1e-8, "cg_tol": 1e-5, "skipped_steps": 0}
     assert all("slnb" not in g for g in opt.param_groups)  # the live groups are untouched
