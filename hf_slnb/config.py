@@ -199,11 +199,12 @@ OPTIONS: tuple[Option, ...] = (
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "orthogonalises"),
     Option("orth_split", bool, "in data parallel (several processes, unsharded layers), each "
-           "rank orthogonalises its share of every bank of same-shape layers and the results are "
-           "all-gathered, as distributed Muon does: the same numbers (bit for bit), 1/world of "
-           "the orthogonalisation's work, for one all-gather of those layers' float32 updates "
-           "per step. False orthogonalises every layer on every rank (no extra communication: "
-           "better on a slow network). No effect in one process.", _flag, acts=_orth,
+           "rank orthogonalises its share of every bank of same-shape layers, and refreshes its "
+           "share of their inverse roots, and the results are all-gathered, as distributed Muon "
+           "does: the same numbers (bit for bit), 1/world of that work, for one all-gather of "
+           "those layers' float32 updates per step (and of their roots per refresh). False "
+           "computes every layer on every rank (no extra communication: better on a slow "
+           "network). No effect in one process.", _flag, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "orthogonalises"),
     Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "

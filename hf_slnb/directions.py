@@ -229,15 +229,35 @@ class WhitenedOrth(Direction):
                 # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
                 torch.where(keep[rows, None, None], c, cov[rows], out=c)
                 cov[rows].lerp_(c, 1.0 - self.decay)
-                if refresh:
-                    damped = W.damp(cov[rows] / bias[rows], self.damping)
-                    if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
-                        root[rows] = W.inverse_root_eigh(damped)[0]
-                    else:  # matmuls only: eigh's error check would wait for the device
-                        root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
+            if refresh:
+                self.refresh(ctx, bank, bias)
             bank.whiten_steps += 1
             self.set_direction(ctx, bank, stats.active,
                                lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows))
+
+    def refresh(self, ctx: StepContext, bank: Bank, bias: Tensor) -> None:
+        """Each layer's ``C^{-1/2}`` from its damped, bias-corrected covariance EMA, in chunks of
+        layers (:func:`layer_chunks`). In data parallel with ``orth_split``, each rank refreshes
+        its share of the bank's layers and the roots are all-gathered (bit for bit the same).
+        Its orthogonalisation reads only its own share's roots; the gather keeps every rank's
+        state whole, for a checkpoint saved from one rank."""
+        cov, root = bank_whitening(bank)
+        split = self.splits(ctx, bank)
+        mine = distributed.share(len(root), ctx.data_group) if split else slice(0, len(root))
+        for rows in layer_chunks(mine.stop - mine.start, cov.shape[-1], cov.element_size()):
+            rows = slice(mine.start + rows.start, mine.start + rows.stop)
+            damped = W.damp(cov[rows] / bias[rows], self.damping)
+            if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
+                root[rows] = W.inverse_root_eigh(damped)[0]
+            else:  # matmuls only: eigh's error check would wait for the device
+                root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
+        if split:
+            root.copy_(distributed.all_gather_shares(root[mine], len(root), ctx.data_group))
+
+    def splits(self, ctx: StepContext, bank: Bank) -> bool:
+        """Whether the ranks share this bank's layers out (``orth_split``, data parallel)."""
+        return (self.config.orth_split and not bank.layout.sharded and len(bank.neurons) > 1
+                and distributed.world_size(ctx.data_group) > 1)
 
     def set_direction(self, ctx: StepContext, bank: Bank, active: Tensor,
                       orth: Callable[[Tensor, slice], Tensor]) -> None:
@@ -247,8 +267,7 @@ class WhitenedOrth(Direction):
         orthogonalisation does not split by rows. In data parallel, with ``orth_split``, each
         rank orthogonalises its share of the bank's layers and the shares are all-gathered."""
         last = bank.neurons[0].feature_axis == 1
-        split = (self.config.orth_split and not bank.layout.sharded and len(bank.neurons) > 1
-                 and distributed.world_size(ctx.data_group) > 1)
+        split = self.splits(ctx, bank)
 
         def whole(g: Stack) -> Stack:
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)

@@ -23,17 +23,23 @@ def _run(cmd: list[str], tmp: Path) -> None:
 
 def test_orth_split_shares_the_orthogonalisation_and_changes_no_number(tmp_path: Path) -> None:
     """``orth_split``: each of two ranks orthogonalises its share of a bank of three layers (2 and
-    1) and of a bank of two, and the shares are all-gathered: bit for bit what every rank
-    computing every layer gives, on both ranks."""
+    1) and of a bank of two, and refreshes its share of their inverse roots, and the shares are
+    all-gathered: bit for bit what every rank computing every layer gives, on both ranks."""
     for i, backend in enumerate(("split", "nosplit")):
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                     "--master_port", str(29400 + os.getpid() % 100 + i)]
         _run(torchrun + [str(WORKER), str(tmp_path / backend), backend, "1"], tmp_path)
     split = [torch.load(tmp_path / f"split.rank{r}.pt", weights_only=True) for r in (0, 1)]
     whole = torch.load(tmp_path / "nosplit.rank0.pt", weights_only=True)
-    assert split[0]["gathers"] == 10 and whole["gathers"] == 0  # 2 banks x 5 steps
+    # 2 banks x (5 steps + 3 refreshes: whiten_every=2)
+    assert split[0]["gathers"] == 16 and whole["gathers"] == 0
     assert torch.equal(split[0]["params"], split[1]["params"])
     assert torch.equal(split[0]["params"], whole["params"])
+    # Every rank's state holds every layer's current roots (a checkpoint is saved from one rank)
+    for k, entries in whole["state"]["state"].items():
+        for key, value in entries.items():
+            for rank in (0, 1):
+                assert torch.equal(split[rank]["state"]["state"][k][key], value), (rank, k, key)
     assert not torch.equal(whole["params"][:10], torch.zeros(10))
 
 
