@@ -4,7 +4,8 @@ Run as ``torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT BACKEND MICRO`` (d
 ``python tests/_ddp_worker.py OUT BACKEND MICRO`` (one process on the global batch); BACKEND
 ``whitened`` runs ``preset="whitened"`` instead, and ``split`` / ``nosplit`` run it on a stack of
 three same-shape layers with ``orth_split`` on / off (the file then records how many
-orthogonalisation all-gathers ran).
+orthogonalisation all-gathers ran); ``diag_split`` / ``diag_nosplit`` the same with
+``direction="diag_whitened_orth"``.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def main(out: str, backend: str, micro: int) -> None:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(0)
-    model = Stack() if backend in ("split", "nosplit") else Net()
+    orth = backend.removeprefix("diag_") in ("split", "nosplit")
+    model = Stack() if orth else Net()
     gathers = []
-    if backend in ("split", "nosplit"):
+    if orth:
         import hf_slnb.distributed as D
 
         count = D.all_gather_shares
@@ -75,8 +77,10 @@ def main(out: str, backend: str, micro: int) -> None:
             return count(*args, **kwargs)
 
         D.all_gather_shares = counted
+        direction = "diag_whitened_orth" if backend.startswith("diag_") else "whitened_orth"
         opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2,
-                   orth_layers="hidden", orth_split=backend == "split")
+                   orth_layers="hidden", orth_split=backend.removeprefix("diag_") == "split",
+                   direction=direction)
     elif backend == "whitened":  # the whitened preset, a refresh of its roots every second step
         opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2)
     else:

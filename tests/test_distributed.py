@@ -21,18 +21,20 @@ def _run(cmd: list[str], tmp: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-def test_orth_split_shares_the_orthogonalisation_and_changes_no_number(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direction", ["", "diag_"])
+def test_orth_split_shares_the_orthogonalisation_and_changes_no_number(tmp_path: Path,
+                                                                       direction: str) -> None:
     """``orth_split``: each of two ranks orthogonalises its share of a bank of three layers (2 and
     1) and of a bank of two, and refreshes its share of their inverse roots, and the shares are
     all-gathered: bit for bit what every rank computing every layer gives, on both ranks."""
     for i, backend in enumerate(("split", "nosplit")):
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(29400 + os.getpid() % 100 + i)]
-        _run(torchrun + [str(WORKER), str(tmp_path / backend), backend, "1"], tmp_path)
+                    "--master_port", str(29400 + os.getpid() % 100 + 2 * len(direction) + i)]
+        _run(torchrun + [str(WORKER), str(tmp_path / backend), direction + backend, "1"], tmp_path)
     split = [torch.load(tmp_path / f"split.rank{r}.pt", weights_only=True) for r in (0, 1)]
     whole = torch.load(tmp_path / "nosplit.rank0.pt", weights_only=True)
-    # 2 banks x (5 steps + 3 refreshes: whiten_every=2)
-    assert split[0]["gathers"] == 16 and whole["gathers"] == 0
+    # 2 banks x (5 steps + 3 refreshes, whiten_every=2; the diagonal form keeps no root)
+    assert split[0]["gathers"] == (10 if direction else 16) and whole["gathers"] == 0
     assert torch.equal(split[0]["params"], split[1]["params"])
     assert torch.equal(split[0]["params"], whole["params"])
     # Every rank's state holds every layer's current roots (a checkpoint is saved from one rank)
