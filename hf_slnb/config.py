@@ -198,13 +198,16 @@ OPTIONS: tuple[Option, ...] = (
            ORTH_DTYPES, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "orthogonalises"),
-    Option("orth_split", bool, "in data parallel (several processes, unsharded layers), each "
-           "rank orthogonalises its share of every bank of same-shape layers, and refreshes its "
-           "share of their inverse roots, and the results are all-gathered, as distributed Muon "
-           "does: the same numbers (bit for bit), 1/world of that work, for one all-gather of "
-           "those layers' float32 updates per step (and of their roots per refresh). False "
-           "computes every layer on every rank (no extra communication: better on a slow "
-           "network). No effect in one process.", _flag, acts=_orth,
+    Option("orth_split", bool, "share the orthogonalisation out over the ranks, as "
+           "distributed Muon does: in data parallel each rank orthogonalises its share of every "
+           "bank of same-shape layers, and refreshes its share of their inverse roots, and the "
+           "results are all-gathered (one all-gather of those layers' float32 updates per step, "
+           "and of their roots per refresh); under FSDP2 each sharded layer has an owner, round "
+           "robin, that gathers it, orthogonalises it and scatters the shards back (a gather and "
+           "a scatter instead of an all-gather; the owner broadcasts the refreshed root). The "
+           "same numbers, bit for bit, for 1/world of that work. False computes every layer on "
+           "every rank (an FSDP2 layer after an all-gather): better on a slow network. No effect "
+           "in one process.", _flag, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "orthogonalises"),
     Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "

@@ -211,6 +211,7 @@ class WhitenedOrth(Direction):
         return {"input_cov": cov, "input_inv_sqrt": root}
 
     def compute(self, ctx: StepContext) -> None:
+        owners = self.owners(ctx)
         for bank in ctx.banks:
             if not self.applies(bank) or not ctx.captured[id(bank)] or bank.grams is None:
                 continue  # identity: h = g
@@ -230,20 +231,35 @@ class WhitenedOrth(Direction):
                 torch.where(keep[rows, None, None], c, cov[rows], out=c)
                 cov[rows].lerp_(c, 1.0 - self.decay)
             if refresh:
-                self.refresh(ctx, bank, bias)
+                self.refresh(ctx, bank, bias, owners.get(id(bank)))
             bank.whiten_steps += 1
             self.set_direction(ctx, bank, stats.active,
-                               lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows))
+                               lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows),
+                               owners.get(id(bank)))
 
-    def refresh(self, ctx: StepContext, bank: Bank, bias: Tensor) -> None:
+    def owners(self, ctx: StepContext) -> dict[int, int]:
+        """With ``orth_split`` under FSDP2: the rank (of the shard group) that orthogonalises
+        each sharded layer this direction takes, round robin in the banks' order (the same on
+        every rank). Empty otherwise: every rank then orthogonalises every sharded layer."""
+        world = distributed.world_size(ctx.shard_group)
+        if not self.config.orth_split or ctx.shard_group is None or world == 1:
+            return {}
+        sharded = [b for b in ctx.banks if b.layout.sharded and self.applies(b)]
+        return {id(b): i % world for i, b in enumerate(sharded)}
+
+    def refresh(self, ctx: StepContext, bank: Bank, bias: Tensor, owner: int | None = None
+                ) -> None:
         """Each layer's ``C^{-1/2}`` from its damped, bias-corrected covariance EMA, in chunks of
         layers (:func:`layer_chunks`). In data parallel with ``orth_split``, each rank refreshes
-        its share of the bank's layers and the roots are all-gathered (bit for bit the same).
-        Its orthogonalisation reads only its own share's roots; the gather keeps every rank's
-        state whole, for a checkpoint saved from one rank."""
+        its share of the bank's layers and the roots are all-gathered (bit for bit the same);
+        a sharded layer's ``owner`` refreshes it and broadcasts the root. The orthogonalisation
+        reads only the roots its rank refreshed; the gather keeps every rank's state whole, for
+        a checkpoint saved from one rank."""
         cov, root = bank_whitening(bank)
         split = self.splits(ctx, bank)
         mine = distributed.share(len(root), ctx.data_group) if split else slice(0, len(root))
+        if owner is not None and distributed.rank(ctx.shard_group) != owner:
+            mine = slice(0, 0)
         for rows in layer_chunks(mine.stop - mine.start, cov.shape[-1], cov.element_size()):
             rows = slice(mine.start + rows.start, mine.start + rows.stop)
             damped = W.damp(cov[rows] / bias[rows], self.damping)
@@ -253,6 +269,8 @@ class WhitenedOrth(Direction):
                 root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
         if split:
             root.copy_(distributed.all_gather_shares(root[mine], len(root), ctx.data_group))
+        elif owner is not None:
+            distributed.broadcast_from(root, owner, ctx.shard_group)
 
     def splits(self, ctx: StepContext, bank: Bank) -> bool:
         """Whether the ranks share this bank's layers out (``orth_split``, data parallel)."""
@@ -260,12 +278,14 @@ class WhitenedOrth(Direction):
                 and distributed.world_size(ctx.data_group) > 1)
 
     def set_direction(self, ctx: StepContext, bank: Bank, active: Tensor,
-                      orth: Callable[[Tensor, slice], Tensor]) -> None:
+                      orth: Callable[[Tensor, slice], Tensor], owner: int | None = None) -> None:
         """The bank's weights take ``orth(m, rows)`` (the layers ``rows`` of the bank, their
         ``(l, out, in)`` stack ``m``) at :meth:`size`; the biases keep ``g``. A sharded layer
-        (FSDP2) is gathered whole for it, and keeps its shard of the result: an
-        orthogonalisation does not split by rows. In data parallel, with ``orth_split``, each
-        rank orthogonalises its share of the bank's layers and the shares are all-gathered."""
+        (FSDP2) is orthogonalised whole, as an orthogonalisation does not split by rows: its
+        ``owner`` gathers it, orthogonalises it and scatters the shards back (``orth_split``),
+        or, without an owner, every rank gathers it and keeps its shard. In data parallel, with
+        ``orth_split``, each rank orthogonalises its share of the bank's layers and the shares
+        are all-gathered."""
         last = bank.neurons[0].feature_axis == 1
         split = self.splits(ctx, bank)
 
@@ -279,7 +299,13 @@ class WhitenedOrth(Direction):
             u = u * self.size(m)
             return (u if last else u.transpose(1, 2),)
 
-        h = bank.layout.solve_whole(bank, ctx.bank_grads(bank)[:1], whole)[0]
+        if owner is None:
+            h = bank.layout.solve_whole(bank, ctx.bank_grads(bank)[:1], whole)[0]
+        else:  # one layer: gathered on its owner, its shards scattered back
+            g, w = ctx.bank_grads(bank)[0][0], bank.neurons[0].weight
+            full = distributed.gather_rows_to(g, w, owner, ctx.shard_group)
+            u = whole((full[None],))[0][0] if full is not None else None
+            h = distributed.scatter_rows_from(u, w, owner, ctx.shard_group, g)[None]
         ctx.set_slab_direction(bank, h, active)
 
     def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor,
@@ -323,13 +349,15 @@ class DiagWhitenedOrth(WhitenedOrth):
         return {}
 
     def compute(self, ctx: StepContext) -> None:
+        owners = self.owners(ctx)
         for bank in ctx.banks:
             if not self.applies(bank) or not ctx.captured[id(bank)]:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             self.set_direction(ctx, bank, stats.active,
                                lambda m, rows, s=stats: W.diag_whitened_orth(
-                                   m, s.inv[rows].to(m.dtype).sqrt(), dtype=self.orth_dtype(m)))
+                                   m, s.inv[rows].to(m.dtype).sqrt(), dtype=self.orth_dtype(m)),
+                               owners.get(id(bank)))
 
 
 #: On the CPU, layers at least this many times longer than wide are orthogonalised on their Gram

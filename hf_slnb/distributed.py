@@ -33,6 +33,13 @@ def world_size(group: object | None = None) -> int:
     return dist.get_world_size(group)  # type: ignore[arg-type]
 
 
+def rank(group: object | None = None) -> int:
+    """This process's rank in ``group`` (0 when ``torch.distributed`` is not initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)  # type: ignore[arg-type]
+
+
 def all_reduce_sum(tensors: Sequence[Tensor], group: object | None = None) -> None:
     """Sum each tensor over all ranks, in place, with one collective per dtype and device."""
     if world_size(group) == 1 or not tensors:
@@ -56,7 +63,7 @@ def share(total: int, group: object | None = None) -> slice:
     if world == 1:
         return slice(0, total)
     chunk = -(-total // world)
-    lo = min(dist.get_rank(group) * chunk, total)  # type: ignore[arg-type]
+    lo = min(rank(group) * chunk, total)
     return slice(lo, min(lo + chunk, total))
 
 
@@ -128,6 +135,48 @@ def gather_rows(shard: Tensor, like: Tensor) -> Tensor:
     """The full tensor whose dim-0 shards (laid out as DTensor ``like``) are ``shard``."""
     return DTensor.from_local(shard, like.device_mesh, like.placements,  # type: ignore[attr-defined]
                               shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def _global(group: object | None, rank: int) -> int:
+    """The global rank of ``group``'s rank ``rank``."""
+    return dist.get_global_rank(group or dist.group.WORLD, rank)  # type: ignore[arg-type]
+
+
+def gather_rows_to(shard: Tensor, like: Tensor, owner: int, group: object | None) -> Tensor | None:
+    """The full tensor whose dim-0 shards (laid out as DTensor ``like``) are ``shard``, on rank
+    ``owner`` of ``group`` only (``None`` on the others): one gather of equal, padded shards."""
+    world, n = world_size(group), like.shape[0]
+    chunk = -(-n // world)
+    padded = shard.new_zeros((chunk,) + tuple(shard.shape[1:]))
+    padded[: shard.shape[0]] = shard
+    mine = rank(group) == owner
+    out = shard.new_empty((world * chunk,) + tuple(shard.shape[1:])) if mine else None
+    dist.gather(padded, list(out.chunk(world)) if out is not None else None,
+                dst=_global(group, owner), group=group)  # type: ignore[arg-type]
+    return out[:n] if out is not None else None
+
+
+def scatter_rows_from(full: Tensor | None, like: Tensor, owner: int, group: object | None,
+                      template: Tensor) -> Tensor:
+    """This rank's dim-0 shard (laid out as DTensor ``like``) of ``full``, which rank ``owner``
+    of ``group`` holds (``None`` on the others; ``template`` gives dtype and trailing shape):
+    one scatter of equal, padded shards."""
+    world, n = world_size(group), like.shape[0]
+    chunk = -(-n // world)
+    rest = tuple(template.shape[1:])
+    out = template.new_empty((chunk,) + rest)
+    pieces = None
+    if full is not None:
+        padded = full.new_zeros((world * chunk,) + rest)
+        padded[:n] = full
+        pieces = list(padded.chunk(world))
+    dist.scatter(out, pieces, src=_global(group, owner), group=group)  # type: ignore[arg-type]
+    return out[: local(like).shape[0]]
+
+
+def broadcast_from(t: Tensor, owner: int, group: object | None) -> None:
+    """``t`` of rank ``owner`` of ``group`` on every rank, in place."""
+    dist.broadcast(t, src=_global(group, owner), group=group)  # type: ignore[arg-type]
 
 
 def local_rows(full: Tensor, like: Tensor) -> Tensor:

@@ -52,6 +52,7 @@ def build(sharded: bool, preset: str) -> tuple[nn.Module, SLNB]:
         fully_shard(model)
     preset, _, extra = preset.partition(":")  # "whitened:direction=diag_whitened_orth"
     options = dict(kv.split("=") for kv in extra.split(",") if kv)
+    options = {k: {"True": True, "False": False}.get(v, v) for k, v in options.items()}
     lr = 0.3 if preset == "paper" else 1e-2
     return model, SLNB(model.parameters(), model=model, preset=preset, lr=lr, **options)
 
@@ -122,6 +123,15 @@ def main(out: str, preset: str, micro: int, resume: str) -> None:
     if sharded:
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    import hf_slnb.distributed as D
+
+    owned, gather = [], D.gather_rows_to
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        owned.append(1)  # a layer orthogonalised on one rank (orth_split), not on every rank
+        return gather(*args, **kwargs)
+
+    D.gather_rows_to = counted
     model, opt = build(sharded, preset)
     for step, batch in enumerate(batches(rank, world), start=1):
         train_step(model, opt, batch, micro, sharded)
@@ -131,7 +141,7 @@ def main(out: str, preset: str, micro: int, resume: str) -> None:
     params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
     state = {names[i]: {k: full(v).clone() for k, v in s.items()}
              for i, s in opt.state_dict()["state"].items()}
-    torch.save({"params": params, "state": state}, f"{out}.rank{rank}.pt")
+    torch.save({"params": params, "state": state, "owned": len(owned)}, f"{out}.rank{rank}.pt")
     if sharded:
         dist.destroy_process_group()
 

@@ -42,7 +42,7 @@ def _flat(run: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("preset,micro", [("graft", 1), ("paper", 1), ("paper", 2),
-                                          ("whitened", 1),
+                                          ("whitened", 1), ("whitened:orth_split=False", 1),
                                           ("whitened:direction=diag_whitened_orth", 1)])
 def test_sharded_equals_one_process_on_the_global_batch(tmp_path: Path, preset: str,
                                                         micro: int) -> None:
@@ -58,6 +58,9 @@ def test_sharded_equals_one_process_on_the_global_batch(tmp_path: Path, preset: 
     r0, r1 = _load(tmp_path / "fsdp.rank0.pt"), _load(tmp_path / "fsdp.rank1.pt")
     single = _load(tmp_path / "single.rank0.pt")
     assert torch.equal(_flat(r0), _flat(r1))  # both ranks hold the same model
+    if preset.startswith("whitened"):  # orth_split: each sharded layer orthogonalised by its
+        # owner (lin, hf, wide, out: 4 layers x 5 steps), else by every rank after an all-gather
+        assert r0["owned"] == (0 if "orth_split=False" in preset else 20), r0["owned"]
     rel = (_flat(r0) - _flat(single)).norm() / _flat(single).norm()
     assert rel < 1e-5, float(rel)
     assert set(r0["state"]) == set(single["state"])
