@@ -67,6 +67,13 @@ def share(total: int, group: object | None = None) -> slice:
     return slice(lo, min(lo + chunk, total))
 
 
+def _padded(t: Tensor, rows: int) -> Tensor:
+    """``t`` with zero rows appended up to ``rows`` (collectives need equal sizes)."""
+    out = t.new_zeros((rows,) + tuple(t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
 def all_gather_shares(mine: Tensor, total: int, group: object | None = None) -> Tensor:
     """The ``total`` rows whose :func:`share` each rank holds (``mine``), on every rank: one
     all-gather (shares padded to equal size)."""
@@ -74,8 +81,7 @@ def all_gather_shares(mine: Tensor, total: int, group: object | None = None) -> 
     if world == 1:
         return mine
     chunk = -(-total // world)
-    padded = mine.new_zeros((chunk,) + tuple(mine.shape[1:]))
-    padded[: mine.shape[0]] = mine
+    padded = _padded(mine, chunk)
     out = mine.new_empty((world * chunk,) + tuple(mine.shape[1:]))
     dist.all_gather(list(out.chunk(world)), padded, group=group)  # type: ignore[arg-type]
     return out[:total]
@@ -147,8 +153,7 @@ def gather_rows_to(shard: Tensor, like: Tensor, owner: int, group: object | None
     ``owner`` of ``group`` only (``None`` on the others): one gather of equal, padded shards."""
     world, n = world_size(group), like.shape[0]
     chunk = -(-n // world)
-    padded = shard.new_zeros((chunk,) + tuple(shard.shape[1:]))
-    padded[: shard.shape[0]] = shard
+    padded = _padded(shard, chunk)
     mine = rank(group) == owner
     out = shard.new_empty((world * chunk,) + tuple(shard.shape[1:])) if mine else None
     dist.gather(padded, list(out.chunk(world)) if out is not None else None,
@@ -167,9 +172,7 @@ def scatter_rows_from(full: Tensor | None, like: Tensor, owner: int, group: obje
     out = template.new_empty((chunk,) + rest)
     pieces = None
     if full is not None:
-        padded = full.new_zeros((world * chunk,) + rest)
-        padded[:n] = full
-        pieces = list(padded.chunk(world))
+        pieces = list(_padded(full, world * chunk).chunk(world))
     dist.scatter(out, pieces, src=_global(group, owner), group=group)  # type: ignore[arg-type]
     return out[: local(like).shape[0]]
 
