@@ -157,7 +157,7 @@ class ModelBinding:
                 n.gram_rows = self.config.cov_rows
         for bank in self.banks:  # the whitening reads each step's x xᵀ as a stack
             if self.config.direction == "whitened_orth" and bank.neurons[0].needs_moments:
-                bank.keep_grams()
+                bank.keep_grams(self.direction.blocks(bank.neurons[0])[0])
         for n in self.neurons:
             cap, bank, row = old[id(n)]
             ref = weakref.ref(self)
@@ -166,8 +166,8 @@ class ModelBinding:
                 for key in ("stats", "sums"):
                     getattr(n.bank, key)[n.row].copy_(getattr(bank, key)[row])
                 n.bank.stat_step[n.row].copy_(bank.stat_step[row])  # type: ignore[union-attr]
-                if bank.grams is not None and n.bank_gram is not None:
-                    n.bank_gram.copy_(bank.grams[row])  # eager and compiled captures' x xᵀ
+                if bank.grams is not None and n.bank_gram is not None:  # eager and compiled
+                    n.bank_gram.copy_(bank.grams[row].view_as(n.bank_gram))  # captures' x xᵀ
             if cap is not None:
                 cap.sum_x, cap.sum_x2 = n.rows
                 if cap.gram is not None and n.bank_gram is not None and cap.gram is not n.bank_gram:

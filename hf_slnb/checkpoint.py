@@ -142,7 +142,9 @@ class Checkpointing:
                     if key in ("mu", "nu"):
                         want = None if neuron is None else (neuron.num_features,)
                     elif key in ("input_cov", "input_inv_sqrt"):
-                        want = None if neuron is None else (neuron.num_features,) * 2
+                        want = None
+                        if neuron is not None and self.direction.takes(neuron):  # type: ignore[attr-defined]
+                            want = self.direction.state_shape(neuron)  # type: ignore[attr-defined]
                         if neuron is not None and not self.direction.takes(neuron):  # type: ignore[attr-defined]
                             raise ValueError(
                                 f"Cannot load this SLNB checkpoint: it keeps an input covariance "
@@ -154,6 +156,16 @@ class Checkpointing:
                                 "the optimizer with orth_layers='hidden' and load it again.")
                     else:
                         want = () if key == "metric_sq" else tuple(p.shape)
+                    if (want is not None and tuple(value.shape) != want
+                            and key in ("input_cov", "input_inv_sqrt")):
+                        raise ValueError(
+                            f"Invalid state_dict: its {key!r} for parameter "
+                            f"{self._names.get(id(p), '?')!r} has shape {tuple(value.shape)}, but "  # type: ignore[attr-defined]
+                            f"this optimizer keeps {want} (max_block="
+                            f"{self.config.max_block}: inputs wider than it are whitened in "  # type: ignore[attr-defined]
+                            "diagonal blocks, (blocks, width, width); one (d, d) matrix up to "
+                            "it). Build the optimizer with the checkpoint's max_block, or for "
+                            "another model's checkpoint, that model.")
                     if want is not None and tuple(value.shape) != want:
                         raise ValueError(
                             f"Invalid state_dict: its {key!r} for parameter "

@@ -221,6 +221,14 @@ OPTIONS: tuple[Option, ...] = (
            "hundred positions per step estimate it and cut its cost, d^2 per position. "
            "Integer >= 0.", _count, acts=_whitening,
            why_not="only direction='whitened_orth' keeps x x^T for the whitening"),
+    Option("max_block", int, "inputs wider than this are whitened in diagonal blocks of at "
+           "most this many features (direction='whitened_orth'; Shampoo's maximum preconditioner "
+           "size): the blocks' covariances and inverse roots replace the whole input's, so the "
+           "memory a layer keeps is 8-16 bytes x d x max_block, not x d^2, and each inverse "
+           "root costs max_block^3, not d^3 (the orthogonalisation still sees the whole layer). "
+           "0 whitens every input whole. Integer >= 0; it fixes the shape of the saved "
+           "covariances.", _count, acts=_whitening,
+           why_not="only direction='whitened_orth' keeps an input covariance"),
     Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
            "direction='diagonal', False direction='pcg'.", _flag, state=True),
     Option("precondition_embeddings", bool, "give nn.Embedding its exact metric (token "
@@ -291,6 +299,7 @@ class SLNBConfig:
     orth_split: bool = True
     whiten_every: int = 10
     cov_rows: int = 0
+    max_block: int = 1024
     diagonal_only: bool = True
     precondition_embeddings: bool = True
     skip_modules: tuple[str, ...] = ()

@@ -204,10 +204,27 @@ class WhitenedOrth(Direction):
         """The Newton-Schulz dtype for the stack ``m`` (``orth_dtype``)."""
         return W.ns_dtype(m.dtype, m.device, self.config.orth_dtype)
 
+    def blocks(self, neuron: Any) -> tuple[int, int]:
+        """``(blocks, width)`` of the diagonal blocks ``neuron``'s input is whitened in
+        (``max_block``; one block of every feature up to it)."""
+        return W.block_shape(neuron.num_features, self.config.max_block)
+
+    def state_shape(self, neuron: Any) -> tuple[int, ...]:
+        """The shape of a layer's ``input_cov`` and ``input_inv_sqrt``: ``(d, d)``, or
+        ``(blocks, width, width)`` for an input whitened in blocks."""
+        k, b = self.blocks(neuron)
+        return (b, b) if k == 1 else (k, b, b)
+
+    def whitening(self, bank: Bank) -> tuple[Tensor, Tensor]:
+        """The bank's covariance EMAs and inverse roots, ``(L, blocks, width, width)``."""
+        return bank_whitening(bank, *self.blocks(bank.neurons[0]))
+
     def bank_state(self, bank: Bank) -> dict[str, Tensor]:
         if not self.applies(bank):
             return {}
-        cov, root = bank_whitening(bank)
+        cov, root = self.whitening(bank)
+        if cov.shape[1] == 1:  # one block: (L, d, d) views, the format of every checkpoint
+            cov, root = cov[:, 0], root[:, 0]
         return {"input_cov": cov, "input_inv_sqrt": root}
 
     def compute(self, ctx: StepContext) -> None:
@@ -216,19 +233,24 @@ class WhitenedOrth(Direction):
             if not self.applies(bank) or not ctx.captured[id(bank)] or bank.grams is None:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
-            cov, root = bank_whitening(bank)
-            counts = ctx.counts[id(bank)][0][:, 0]  # (L, 1)
+            cov, root = self.whitening(bank)  # (L, k, b, b): k diagonal blocks of width b
+            L, k, b = cov.shape[:3]
+            counts = ctx.counts[id(bank)][0]  # (L, 1, 1)
             keep = stats.active & ctx.live
             refresh = bank.whiten_steps % self.config.whiten_every == 0  # host counter: no sync
-            bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)  # EMA's
-            # Batched over the bank's layers, in chunks whose (l, d, d) temporaries stay under
-            # COV_CHUNK_BYTES: a few ops per chunk, not per layer, and a bounded temporary.
-            for rows in layer_chunks(len(bank.neurons), cov.shape[-1], cov.element_size()):
-                c = symmetrize_(bank.grams[rows])  # this step's x xᵀ sums (l, d, d), in place:
-                # the bank's sums are zeroed after the step
-                W.centre_(c, bank.sum_x[rows], counts[rows])
+            bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)[..., None]
+            sum_x = bank.sum_x  # (L, d), as the blocks' (L, k, b), zero-padded
+            if k * b != sum_x.shape[-1]:
+                sum_x = torch.nn.functional.pad(sum_x, (0, k * b - sum_x.shape[-1]))
+            sum_x = sum_x.view(L, k, b)
+            # Batched over the bank's layers, in chunks whose (l, k, b, b) temporaries stay
+            # under COV_CHUNK_BYTES: a few ops per chunk, not per layer, and a bounded temporary.
+            for rows in layer_chunks(L, b, cov.element_size(), k):
+                c = symmetrize_(bank.grams[rows])  # this step's x xᵀ sums, in place: the
+                # bank's sums are zeroed after the step
+                W.centre_(c, sum_x[rows], counts[rows])
                 # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
-                torch.where(keep[rows, None, None], c, cov[rows], out=c)
+                torch.where(keep[rows, None, None, None], c, cov[rows], out=c)
                 cov[rows].lerp_(c, 1.0 - self.decay)
             if refresh:
                 self.refresh(ctx, bank, bias, owners.get(id(bank)))
@@ -255,14 +277,16 @@ class WhitenedOrth(Direction):
         a sharded layer's ``owner`` refreshes it and broadcasts the root. The orthogonalisation
         reads only the roots its rank refreshed; the gather keeps every rank's state whole, for
         a checkpoint saved from one rank."""
-        cov, root = bank_whitening(bank)
+        cov, root = self.whitening(bank)
         split = self.splits(ctx, bank)
         mine = distributed.share(len(root), ctx.data_group) if split else slice(0, len(root))
         if owner is not None and distributed.rank(ctx.shard_group) != owner:
             mine = slice(0, 0)
-        for rows in layer_chunks(mine.stop - mine.start, cov.shape[-1], cov.element_size()):
+        features = bank.neurons[0].num_features
+        for rows in layer_chunks(mine.stop - mine.start, cov.shape[-1], cov.element_size(),
+                                 cov.shape[1]):
             rows = slice(mine.start + rows.start, mine.start + rows.stop)
-            damped = W.damp(cov[rows] / bias[rows], self.damping)
+            damped = W.damp_blocks(cov[rows] / bias[rows], self.damping, features)
             if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
                 root[rows] = W.inverse_root_eigh(damped)[0]
             else:  # matmuls only: eigh's error check would wait for the device
@@ -323,12 +347,16 @@ class WhitenedOrth(Direction):
         ``M C^{-1/2}``)."""
         dtype = self.orth_dtype(m)
         short, long = sorted(m.shape[1:])
+        one = root.shape[1] == 1  # one block: (l, d, d) matrices, else (l, k, b, b) blocks
+        r = root[rows, 0] if one else root[rows]
         if (m.device.type != "cpu" or dtype == torch.bfloat16
                 or not (short >= SPECTRAL_MIN or long >= GRAM_ASPECT * short)):
-            return W.whitened_orth(m, root[rows], dtype=dtype)
-        inv = bank_inverse(bank)[rows].to(dtype) if m.shape[1] <= m.shape[2] else None
-        return W.whitened_orth_gram(m.to(dtype), root[rows].to(dtype), inv,
-                                    spectral=True).to(m.dtype)
+            return W.whitened_orth(m, r, dtype=dtype)
+        inv = None
+        if m.shape[1] <= m.shape[2]:
+            inv = bank_inverse(bank)[rows]
+            inv = (inv[:, 0] if one else inv).to(dtype)
+        return W.whitened_orth_gram(m.to(dtype), r.to(dtype), inv, spectral=True).to(m.dtype)
 
 
 class DiagWhitenedOrth(WhitenedOrth):
@@ -374,10 +402,10 @@ SPECTRAL_MIN = 192
 COV_CHUNK_BYTES = 64 << 20
 
 
-def layer_chunks(layers: int, d: int, itemsize: int) -> list[slice]:
-    """Consecutive slices of ``layers`` whose ``(l, d, d)`` stacks fit :data:`COV_CHUNK_BYTES`
-    (at least one layer each)."""
-    per = max(1, COV_CHUNK_BYTES // max(1, d * d * itemsize))
+def layer_chunks(layers: int, d: int, itemsize: int, blocks: int = 1) -> list[slice]:
+    """Consecutive slices of ``layers`` whose ``(l, blocks, d, d)`` stacks fit
+    :data:`COV_CHUNK_BYTES` (at least one layer each)."""
+    per = max(1, COV_CHUNK_BYTES // max(1, blocks * d * d * itemsize))
     return [slice(lo, min(layers, lo + per)) for lo in range(0, layers, per)]
 
 
@@ -386,17 +414,21 @@ def bank_inverse(bank: Bank) -> Tensor:
     writes into them and bumps their version counter: a host fact, no sync)."""
     key = (bank.root._version, bank.root.data_ptr())
     if getattr(bank, "inv_key", None) != key:
-        bank.inv = torch.bmm(bank.root, bank.root)
+        bank.inv = torch.matmul(bank.root, bank.root)
         bank.inv_key = key
     return bank.inv
 
 
-def bank_whitening(bank: Bank) -> tuple[Tensor, Tensor]:
-    """The bank's input covariance EMAs ``(L, d, d)`` and their inverse roots (identity first)."""
+def bank_whitening(bank: Bank, blocks: int = 1, width: int | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """The bank's input covariance EMAs ``(L, blocks, width, width)`` (the diagonal blocks of
+    each layer's, :func:`hf_slnb.whitened.block_shape`; one ``(d, d)`` block by default) and
+    their inverse roots (identity first)."""
     if getattr(bank, "cov", None) is None:
-        L, d = len(bank.neurons), bank.neurons[0].num_features
-        bank.cov = torch.zeros(L, d, d, dtype=bank.dtype, device=bank.device)
-        bank.root = torch.eye(d, dtype=bank.dtype, device=bank.device).repeat(L, 1, 1)
+        L = len(bank.neurons)
+        b = bank.neurons[0].num_features if width is None else width
+        bank.cov = torch.zeros(L, blocks, b, b, dtype=bank.dtype, device=bank.device)
+        bank.root = torch.eye(b, dtype=bank.dtype, device=bank.device).repeat(L, blocks, 1, 1)
         bank.whiten_steps = 0
     return bank.cov, bank.root
 

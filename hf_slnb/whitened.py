@@ -45,6 +45,43 @@ def damp(c: torch.Tensor, damping: float) -> torch.Tensor:
     return c + ridge[..., None, None] * torch.eye(d, dtype=c.dtype, device=c.device)
 
 
+def damp_blocks(c: torch.Tensor, damping: float, features: int) -> torch.Tensor:
+    """:func:`damp` for a layer whitened in diagonal blocks, ``c`` ``(..., blocks, b, b)`` (its
+    input's ``features`` split as :func:`block_shape` says, zero where the last block is
+    padded): one ridge per layer, ``damping`` times the layer's mean eigenvalue (its trace over
+    ``features``), on every block. With one block this is :func:`damp` exactly."""
+    if damping < 0:
+        raise ValueError(f"damping={damping!r}: must be >= 0.")
+    trace = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1).sum(-1, keepdim=True)  # (..., 1)
+    ridge = damping * trace / features
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    return c + ridge[..., None, None] * eye
+
+
+def block_shape(features: int, max_block: int) -> tuple[int, int]:
+    """``(blocks, width)``: ``features`` split into the fewest diagonal blocks of at most
+    ``max_block`` (``0``: one block), all of one width, the last padded with zero features (so
+    that the blocks of a layer, and of a bank of layers, are one batched stack)."""
+    if max_block <= 0 or features <= max_block:
+        return 1, features
+    blocks = -(-features // max_block)
+    return blocks, -(-features // blocks)
+
+
+def times_blocks(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``M B`` for ``m`` ``(..., r, d)`` and the block-diagonal ``B`` whose blocks are
+    ``blocks`` ``(..., k, b, b)`` (``k b >= d``: the padding beyond ``d`` is dropped); a plain
+    batched product when ``blocks`` is ``(..., d, d)``."""
+    if blocks.dim() != m.dim() + 1:
+        return m @ blocks
+    k, b = blocks.shape[-3], blocks.shape[-1]
+    d = m.shape[-1]
+    if k * b != d:
+        m = torch.nn.functional.pad(m, (0, k * b - d))
+    out = (m.unflatten(-1, (k, b)).transpose(-3, -2) @ blocks).transpose(-3, -2).flatten(-2)
+    return out[..., :d] if k * b != d else out
+
+
 def inverse_root_eigh(c: torch.Tensor, power: float = 0.5,
                       eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``C^{-power}`` of a symmetric PSD ``C`` by eigendecomposition; also returns (λ, Q).
@@ -131,8 +168,8 @@ def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
     The rescaling makes ``lr`` mean what it means for Muon whatever the scale of the inputs;
     with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
     """
-    o = orthogonalize_ns5(m @ c_inv_sqrt, steps, dtype=dtype)
-    u = _sized_like(o @ c_inv_sqrt, o)
+    o = orthogonalize_ns5(times_blocks(m, c_inv_sqrt), steps, dtype=dtype)
+    u = _sized_like(times_blocks(o, c_inv_sqrt), o)
     return row_normalize(u) if per_row else u
 
 
@@ -145,7 +182,8 @@ def whitened_orth_gram(m: torch.Tensor, c_inv_sqrt: torch.Tensor,
     Every iterate is ``X_k = Q_k X`` (``X`` wide) or ``X Q_k`` (tall) with ``Q_k`` a polynomial
     in ``S = X Xᵀ`` (or ``Xᵀ X``), so ``Q_{k+1} = (a I + b A + c A²) Q_k`` with ``A = Q_k S Q_k``
     (:func:`gram_ns5_factor`). The result is ``Q X C^{-1/2} = Q M C⁻¹`` (wide and square:
-    ``c_inv``, ``C⁻¹``, is required) or ``M C^{-1/2} Q C^{-1/2}`` (tall). About 0.6x the cost of
+    ``c_inv``, ``C⁻¹``, is required) or ``M C^{-1/2} Q C^{-1/2}`` (tall). ``c_inv_sqrt`` and
+    ``c_inv`` may be block-diagonal, ``(L, k, b, b)`` (:func:`times_blocks`). About 0.6x the cost of
     :func:`whitened_orth` when ``l >= 1.5 s``; with ``spectral`` (``Q`` from an eigendecomposition
     of ``S``: the CPU, ``s >= 192``) square layers gain too. Forming ``S`` squares ``X``'s
     condition number, so use it in float32 or float64 (relative error 1e-5 to 6e-4 in
@@ -158,18 +196,27 @@ def whitened_orth_gram(m: torch.Tensor, c_inv_sqrt: torch.Tensor,
     """
     wide = m.shape[-2] <= m.shape[-1]
     mt = m.transpose(-2, -1)
+    blocked = c_inv_sqrt.dim() == 4
+    x = None
     if wide:
         if c_inv is None:
             raise ValueError("whitened_orth_gram: a wide stack (out <= in) needs c_inv = C^-1.")
-        k = torch.bmm(m, c_inv)  # M C⁻¹ = X C^{-1/2}
+        k = times_blocks(m, c_inv)  # M C⁻¹ = X C^{-1/2}
         s = torch.bmm(k, mt)  # X Xᵀ
+    elif blocked:
+        x = times_blocks(m, c_inv_sqrt)
+        s = torch.bmm(x.transpose(-2, -1), x)  # Xᵀ X
     else:
         s = torch.bmm(torch.bmm(c_inv_sqrt, torch.bmm(mt, m)), c_inv_sqrt)  # Xᵀ X
     norm = torch.diagonal(s, dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
     s = s / (norm + eps) ** 2  # X₀ = X / (‖X‖_F + eps), as orthogonalize_ns5
     q, o_norm_sq = gram_ns5_factor(s, steps, spectral)
-    u = torch.bmm(q, k) if wide else torch.bmm(
-        m, torch.bmm(torch.bmm(c_inv_sqrt, q), c_inv_sqrt))
+    if wide:
+        u = torch.bmm(q, k)
+    elif x is not None:  # block-diagonal C^{-1/2}: X Q, then its blocks
+        u = times_blocks(torch.bmm(x, q), c_inv_sqrt)
+    else:
+        u = torch.bmm(m, torch.bmm(torch.bmm(c_inv_sqrt, q), c_inv_sqrt))
     o_norm = o_norm_sq.clamp_min(0).sqrt()[..., None, None]  # ‖X_steps‖_F
     return u * (o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
 

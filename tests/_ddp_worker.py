@@ -2,8 +2,8 @@
 
 Run as ``torchrun --nproc_per_node 2 tests/_ddp_worker.py OUT BACKEND MICRO`` (data parallel) or
 ``python tests/_ddp_worker.py OUT BACKEND MICRO`` (one process on the global batch); BACKEND
-``whitened`` runs ``preset="whitened"`` instead, and ``split`` / ``nosplit`` run it on a stack of
-three same-shape layers with ``orth_split`` on / off (the file then records how many
+``whitened`` runs ``preset="whitened"`` instead (``whitened_blocks`` with ``max_block=16``),
+and ``split`` / ``nosplit`` run it on a stack of three same-shape layers with ``orth_split`` on / off (the file then records how many
 orthogonalisation all-gathers ran); ``diag_split`` / ``diag_nosplit`` the same with
 ``direction="diag_whitened_orth"``.
 """
@@ -83,6 +83,9 @@ def main(out: str, backend: str, micro: int) -> None:
                    direction=direction)
     elif backend == "whitened":  # the whitened preset, a refresh of its roots every second step
         opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2)
+    elif backend == "whitened_blocks":  # its inputs whitened in blocks of at most 16 features
+        opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2,
+                   max_block=16)
     else:
         opt = SLNB(model.parameters(), model=model, metric_backend=backend, lr=0.3)
     wrapped = nn.parallel.DistributedDataParallel(model) if distributed else model

@@ -52,7 +52,8 @@ def build(sharded: bool, preset: str) -> tuple[nn.Module, SLNB]:
         fully_shard(model)
     preset, _, extra = preset.partition(":")  # "whitened:direction=diag_whitened_orth"
     options = dict(kv.split("=") for kv in extra.split(",") if kv)
-    options = {k: {"True": True, "False": False}.get(v, v) for k, v in options.items()}
+    options = {k: {"True": True, "False": False}.get(v, int(v) if v.isdigit() else v)
+               for k, v in options.items()}
     lr = 0.3 if preset == "paper" else 1e-2
     return model, SLNB(model.parameters(), model=model, preset=preset, lr=lr, **options)
 

@@ -71,14 +71,15 @@ WHITENED = {"preset": "whitened", "lr": 1e-2, "whiten_every": 2, "cov_rows": 8}
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("cov_rows", [8, 0])
-def test_the_whitened_preset_compiles_its_captures(name: str, cov_rows: int,
+@pytest.mark.parametrize("cov_rows,max_block", [(8, 1024), (0, 1024), (8, 24)])
+def test_the_whitened_preset_compiles_its_captures(name: str, cov_rows: int, max_block: int,
                                                    float32_one_thread) -> None:
     """The whitened preset's ``x xᵀ`` captures inside ``torch.compile``: no more graph breaks
     than AdamW's, and ``aot_eager`` trains bit for bit as eager (which shares one product
     between layers reading one input, q/k/v and gate/up, where the compiled graph computes
-    each)."""
-    options = {**WHITENED, "cov_rows": cov_rows}
+    each); also with ``max_block=24``, where every input (32 to 128 wide) keeps diagonal
+    blocks."""
+    options = {**WHITENED, "cov_rows": cov_rows, "max_block": max_block}
     eager, fraction, _ = _train(name, None, **options)
     compiled, fraction_c, breaks = _train(name, "aot_eager", **options)
     _, _, breaks_adamw = _train(name, "aot_eager", optimizer="adamw")

@@ -43,7 +43,8 @@ def _flat(run: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset,micro", [("graft", 1), ("paper", 1), ("paper", 2),
                                           ("whitened", 1), ("whitened:orth_split=False", 1),
-                                          ("whitened:direction=diag_whitened_orth", 1)])
+                                          ("whitened:direction=diag_whitened_orth", 1),
+                                          ("whitened:max_block=16", 1)])
 def test_sharded_equals_one_process_on_the_global_batch(tmp_path: Path, preset: str,
                                                         micro: int) -> None:
     # The whitened preset's map is sensitive to rounding along a LayerNorm-fed layer's null
@@ -72,7 +73,8 @@ def test_sharded_equals_one_process_on_the_global_batch(tmp_path: Path, preset: 
 
 
 @pytest.mark.parametrize("preset,how", [("graft", "resume"), ("paper", "resume"),
-                                        ("paper", "resume_full"), ("whitened", "resume")])
+                                        ("paper", "resume_full"), ("whitened", "resume"),
+                                        ("whitened:max_block=16", "resume")])
 def test_distributed_checkpoint_resumes_bit_for_bit(tmp_path: Path, preset: str, how: str) -> None:
     _run([str(tmp_path / "resumed"), preset, "1", how], tmp_path, sharded=True)
     _run([str(tmp_path / "straight"), preset, "1"], tmp_path, sharded=True)

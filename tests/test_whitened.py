@@ -556,11 +556,15 @@ def test_the_spectral_gram_form_is_the_same_map(shape: tuple[int, int, int]) -> 
 
 
 def _steps_match_the_dense_definition(lin, opt, steps: int, rows: int,
-                                      spread: tuple[float, float], every: int) -> None:
+                                      spread: tuple[float, float], every: int,
+                                      widths: tuple[int, ...] = ()) -> None:
     """Train a float64 ``Linear`` (``lr=1e-2``, no momentum or decay, roots refreshed every
-    ``every`` steps) and check each step against the dense ``orth(G C^{-1/2}) C^{-1/2}``."""
+    ``every`` steps) and check each step against the dense ``orth(G C^{-1/2}) C^{-1/2}``; with
+    ``widths``, ``C`` is the covariance's block diagonal (blocks of those widths, zero
+    elsewhere), and its saved blocks are checked too."""
     d = lin.in_features
     cov = torch.zeros(d, d, dtype=D)
+    mask = torch.block_diag(*[torch.ones(w, w, dtype=D) for w in widths]) if widths else 1.0
     for step in range(steps):
         x = torch.randn(rows, d, dtype=D) * torch.linspace(*spread, d, dtype=D) + step
         w0 = lin.weight.detach().clone()
@@ -569,11 +573,57 @@ def _steps_match_the_dense_definition(lin, opt, steps: int, rows: int,
         opt.step()
         opt.zero_grad()
         mu = x.mean(0)
-        cov = 0.95 * cov + 0.05 * (x.T @ x / rows - torch.outer(mu, mu))
+        cov = 0.95 * cov + 0.05 * (x.T @ x / rows - torch.outer(mu, mu)) * mask
         if step % every == 0:
             root = _dense_inv_sqrt(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))
         u = W.whitened_orth(g, root) * 0.2 * max(lin.weight.shape) ** 0.5
         torch.testing.assert_close(lin.weight.detach(), w0 - 1e-2 * u, rtol=1e-6, atol=1e-9)
+        if widths:
+            saved = opt.state[lin.weight]["input_cov"]
+            assert saved.shape == (len(widths), max(widths), max(widths))
+            lo = 0
+            for k, w in enumerate(widths):
+                torch.testing.assert_close(saved[k, :w, :w], cov[lo:lo + w, lo:lo + w])
+                assert not saved[k, w:].any() and not saved[k, :, w:].any()  # the padding
+                lo += w
+
+
+def test_block_shape_splits_evenly_and_times_blocks_is_the_block_diagonal_product() -> None:
+    assert W.block_shape(1024, 1024) == (1, 1024)
+    assert W.block_shape(1536, 1024) == (2, 768)
+    assert W.block_shape(3072, 1024) == (3, 1024)
+    assert W.block_shape(11008, 1024) == (11, 1001)  # 11 x 1001 = 11011: the last padded
+    assert W.block_shape(5000, 0) == (1, 5000)
+    blocks = torch.randn(2, 3, 4, 4, dtype=D)  # 2 layers, 3 blocks of 4, for 10 features
+    m = torch.randn(2, 5, 10, dtype=D)
+    for i in range(2):
+        dense = torch.block_diag(*blocks[i])[:10, :10]
+        torch.testing.assert_close(W.times_blocks(m, blocks)[i], m[i] @ dense)
+    whole = torch.randn(2, 10, 10, dtype=D)
+    assert torch.equal(W.times_blocks(m, whole), m @ whole)  # (L, d, d): the plain product
+
+
+@pytest.mark.parametrize("shape,max_block,widths", [
+    ((4, 12), 5, (4, 4, 4)),  # wide: the Gram form with C^-1's blocks
+    ((40, 13), 5, (5, 5, 3)),  # tall (aspect 3): the Gram form, the last block padded
+    ((16, 13), 5, (5, 5, 3)),  # tall, aspect < 1.5: the direct iteration
+    ((9, 9), 4, (3, 3, 3)),  # square: the direct iteration
+])
+def test_an_input_wider_than_max_block_is_whitened_in_diagonal_blocks(shape, max_block, widths
+                                                                      ) -> None:
+    """``max_block``: every step equals the dense ``orth(G C^{-1/2}) C^{-1/2}`` with ``C`` the
+    block diagonal of the layer's covariance (float64, across refreshes, one ridge for the whole
+    layer), whichever form orthogonalises it; the saved covariance is those blocks."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    lin = nn.Linear(shape[1], shape[0]).double()
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
+               lr=1e-2, whiten_every=2, max_block=max_block)
+    _steps_match_the_dense_definition(lin, opt, steps=4, rows=60, spread=(0.3, 3.0), every=2,
+                                      widths=widths)
 
 
 def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
@@ -686,11 +736,14 @@ class _MLPBlock(torch.nn.Module):
         return x + self.mix(self.down(torch.tanh(self.up(x))))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,max_block", [(torch.float32, 1024), (torch.float64, 1024),
+                                             (torch.float32, 5)])
+def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype, max_block: int) -> None:
     """Save after 4 steps, load into a fresh optimizer, go on for 4 steps (a refresh of the
     roots at step 6 in between, ``whiten_every=3``): the parameters equal, bit for bit, those of
-    the run that never stopped. The cached ``C⁻¹`` is rebuilt from the loaded roots."""
+    the run that never stopped. The cached ``C⁻¹`` is rebuilt from the loaded roots. With
+    ``max_block=5`` every layer keeps blocks (6 features: 2 of 3; 16: 4 of 4), and an optimizer
+    built with another ``max_block`` refuses the checkpoint, naming it."""
     import copy
 
     from hf_slnb import SLNB
@@ -709,7 +762,8 @@ def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype) -> None:
             opt.step()
             opt.zero_grad()
 
-    options = {"preset": "whitened", "whiten_every": 3, "cov_rows": 24, "lr": 1e-2}
+    options = {"preset": "whitened", "whiten_every": 3, "cov_rows": 24, "lr": 1e-2,
+               "max_block": max_block}
     net = make().to(dtype)
     opt = SLNB(net.parameters(), model=net, **options)
     run(net, opt, range(4))
@@ -723,7 +777,12 @@ def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype) -> None:
     run(other, fresh, range(4, 8))
     for (name, a), b in zip(net.named_parameters(), other.parameters()):
         assert torch.equal(a, b), name
-    assert "input_inv_sqrt" in fresh.state[other[0][0].down.weight]
+    root = fresh.state[other[0][0].down.weight]["input_inv_sqrt"]
+    assert root.shape == ((16, 16) if max_block == 1024 else (4, 4, 4))
+    third = make().to(dtype)
+    wrong = SLNB(third.parameters(), model=third, **{**options, "max_block": 8})
+    with pytest.raises(ValueError, match=r"'input_cov' for parameter .* has shape .*max_block=8"):
+        wrong.load_state_dict(saved_opt)
 
 
 @pytest.mark.parametrize("chunk_layers", [1, 2, 3])

@@ -108,42 +108,54 @@ class SharedGram(threading.local):
     reference (a freed input never matches, and is never kept alive)."""
 
     def __init__(self) -> None:
-        self._key: tuple[Any, int, torch.dtype, int] | None = None
+        self._key: tuple[Any, int, torch.dtype, int, int] | None = None
         self._gram: Tensor | None = None
 
     def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0,
-               total: Tensor | None = None) -> None:
-        """``gram += x^T x`` (upper blocks; with ``rows``, estimated: :func:`input_gram`),
-        reusing the product of the same input. ``total``, the sum of all rows if the caller has
-        it, saves recomputing their mean."""
+               total: Tensor | None = None, blocks: int = 1) -> None:
+        """``gram += x^T x`` (upper blocks; with ``rows``, estimated; with ``blocks``, its
+        diagonal blocks: :func:`input_gram`), reusing the product of the same input. ``total``,
+        the sum of all rows if the caller has it, saves recomputing their mean."""
         key = self._key
         if (key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype
-                or key[3] != rows):
-            prod = input_gram(x, d, rows, gram.dtype, total)
-            self._key, self._gram = (weakref.ref(x), x._version, gram.dtype, rows), prod
+                or key[3] != rows or key[4] != blocks):
+            prod = input_gram(x, d, rows, gram.dtype, total, blocks)
+            self._key = (weakref.ref(x), x._version, gram.dtype, rows, blocks)
+            self._gram = prod
         gram.add_(self._gram)
 
 
 def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
-               total: Tensor | None = None) -> Tensor:
+               total: Tensor | None = None, blocks: int = 1) -> Tensor:
     """One input's ``x^T x`` ``(d, d)`` in ``dtype`` (upper blocks: :func:`add_gram_upper`),
     over all its positions, or with ``rows`` > 0 and more positions than that estimated from
     every ``k``-th one (:func:`row_stride`) as ``n (S + m mᵀ)``: ``S`` the kept rows' covariance
     about their own mean, ``m`` the mean of all ``n`` (``total / n`` when the caller has the sum
     ``total``). Rescaling the kept rows' raw ``x^T x`` instead would leave the centred
     covariance indefinite wherever the inputs have a large mean (GPT-2's: eigenvalues down to
-    -1.8x the mean one), and its inverse root would then blow up."""
+    -1.8x the mean one), and its inverse root would then blow up.
+
+    With ``blocks`` > 1, only the diagonal blocks ``(blocks, b, b)`` of :func:`block_shape`'s
+    split (the last one's padding zero): what a layer whitened in blocks keeps."""
     flat = x.reshape(-1, d).to(dtype)
     n = int(flat.shape[0])  # a concrete size under torch.compile too (the stride needs one)
-    prod = torch.zeros(d, d, dtype=dtype, device=x.device)
+    b = -(-d // blocks)
+    spans = [(lo, min(d, lo + b)) for lo in range(0, d, b)]
+    prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=x.device)
+    tiles = [prod] if blocks == 1 else [prod[k, : hi - lo, : hi - lo]
+                                         for k, (lo, hi) in enumerate(spans)]
     if 0 < rows < n:
         kept = flat[:: row_stride(n, rows, int(x.shape[-2]) if x.dim() > 2 else 1)]
-        add_gram_upper(prod, kept - kept.mean(0))
+        kept = kept - kept.mean(0)
+        for tile, (lo, hi) in zip(tiles, spans):
+            add_gram_upper(tile, kept[:, lo:hi])
         prod.mul_(n / kept.shape[0])
         mean = flat.mean(0) if total is None else total.to(dtype) / n
-        prod.addr_(mean, mean, alpha=n)
+        for tile, (lo, hi) in zip(tiles, spans):
+            tile.addr_(mean[lo:hi], mean[lo:hi], alpha=n)
     else:
-        add_gram_upper(prod, flat)
+        for tile, (lo, hi) in zip(tiles, spans):
+            add_gram_upper(tile, flat[:, lo:hi])
     return prod
 
 
@@ -153,10 +165,10 @@ SHARED_GRAM = SharedGram()
 
 def gram_upper_blocks(gram: Tensor, block: int = GRAM_BLOCK) -> list[Tensor]:
     """The views of a gram that :func:`add_gram_upper` fills (all a reduction needs to sum)."""
-    d = gram.shape[0]
+    d = gram.shape[-1]
     if d <= block:
         return [gram]
-    return [gram[i : i + block, i:] for i in range(0, d, block)]
+    return [gram[..., i : i + block, i:] for i in range(0, d, block)]
 
 
 def symmetrized(gram: Tensor, block: int = GRAM_BLOCK) -> Tensor:
@@ -250,14 +262,17 @@ class Bank:
             n.bank_gram = None  # until the bank keeps its grams (keep_grams)
             n.count_row = self.compiled_counts[i]
 
-    def keep_grams(self) -> None:
-        """Hold the layers' ``x^T x`` sums in one bank tensor: captures add into its rows (eager
-        ones and those made inside ``torch.compile`` alike) and the step reads them as a stack."""
-        if self.grams is None:
+    def keep_grams(self, blocks: int = 1) -> None:
+        """Hold the layers' ``x^T x`` sums in one bank tensor ``(L, blocks, b, b)``: captures add
+        into its rows (eager ones and those made inside ``torch.compile`` alike; ``(d, d)``
+        rows for one block, else the diagonal blocks) and the step reads them as a stack."""
+        if self.grams is None or self.grams.shape[1] != blocks:
             L, d = len(self.neurons), self.neurons[0].num_features
-            self.grams = torch.zeros(L, d, d, dtype=self.dtype, device=self.device)
+            b = -(-d // blocks)
+            self.grams = torch.zeros(L, blocks, b, b, dtype=self.dtype, device=self.device)
         for n, row in zip(self.neurons, self.grams.unbind()):
-            n.bank_gram = row
+            n.bank_gram = row[0] if blocks == 1 else row
+            n.gram_blocks = blocks
 
     def all_captured(self) -> bool:
         """Whether every layer of the bank saw input this step (a host fact)."""
@@ -306,6 +321,7 @@ class Neuron:
     feature_axis = 1
     one_hot = False  # an embedding: its squared features are the features (no sum_x2 kept)
     gram_rows = 0  # positions per input that enter x^T x (0: all; cov_rows for whitened_orth)
+    gram_blocks = 1  # diagonal blocks of x^T x kept (max_block for whitened_orth: input_gram)
     needs_moments = False  # whether its capture keeps x^T x (set by the optimizer's binding)
     supports_explicit = True
     supports_matrix_free = True
@@ -402,7 +418,7 @@ class Neuron:
         bank.compiled = True
         gram = None
         if self.bank_gram is not None:  # only banks of layers that need x^T x keep one
-            gram = (x.detach(), self.bank_gram, self.gram_rows)
+            gram = (x.detach(), self.bank_gram, self.gram_rows, self.gram_blocks)
         return _CompiledCapture.apply(output, total, second, squared, pair, self.rows,
                                       self.count_row, gram)
 
@@ -513,7 +529,7 @@ class _CompiledCapture(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, out: Tensor, total: Tensor, second: Tensor | None, squared: bool,
                 pair: Tensor, sums: tuple[Tensor, Tensor], counts: Tensor,
-                gram: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+                gram: tuple[Tensor, Tensor, int, int] | None = None) -> Tensor:
         ctx.parts = (total, second, squared, pair, sums, counts, gram)
         return out.view_as(out)
 
@@ -528,8 +544,8 @@ class _CompiledCapture(torch.autograd.Function):
                 sums[1].addcmul_(second, second)
             counts.add_(pair)
             if gram is not None:
-                x, target, rows = gram
-                target.add_(input_gram(x, x.shape[-1], rows, target.dtype, total))
+                x, target, rows, blocks = gram
+                target.add_(input_gram(x, x.shape[-1], rows, target.dtype, total, blocks))
         return grad, None, None, None, None, None, None, None
 
 

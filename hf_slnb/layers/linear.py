@@ -41,7 +41,7 @@ class LinearNeuron(Neuron):
         if diagonal_only:
             return
         if cap.gram is not None:
-            SHARED_GRAM.add_to(cap.gram, x, d, self.gram_rows, total)
+            SHARED_GRAM.add_to(cap.gram, x, d, self.gram_rows, total, self.gram_blocks)
         else:
             self._keep(cap, x, rows)
             self._fold_if_cheaper(cap, distributed)
