@@ -42,6 +42,7 @@ MODELS = {
     "llama-tiny": ("llama", {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
                              "num_attention_heads": 4, "num_key_value_heads": 4,
                              "vocab_size": 256, "tie_word_embeddings": False}),
+    "gpt2-124m": ("gpt2", {}),  # GPT-2 small's shapes (768 wide, 3072 in the MLP, 12 layers)
     "minilm": ("bert", {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                         "intermediate_size": 1536, "vocab_size": 30522}),
 }
@@ -190,6 +191,55 @@ def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq
         med = [statistics.fmean(t) for t in times]
         print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in med) + " | " +
               " | ".join(f"{m / med[0]:.2f}" for m in med[1:]) + " |", flush=True)
+
+
+def held_bytes(opt: Any) -> int:
+    """Bytes of every distinct storage an optimizer holds: its state, and for SLNB its arenas and
+    its banks' tensors (covariances, roots, the step's ``x xᵀ`` sums, the cached ``C⁻¹``)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, dict):
+            t = list(t.values())
+        if isinstance(t, (list, tuple)):
+            for item in t:
+                add(item)
+        elif isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+
+    for st in opt.state.values():
+        add(st)
+    for arena in getattr(opt, "_arenas", None) or []:
+        add(arena.__dict__)
+    for bank in getattr(opt, "banks", []):
+        add(bank.__dict__)
+    return total
+
+
+def held_memory(names: list[str], specs: list[str], batch: int, seq: int) -> None:
+    """Memory each optimizer holds after two steps (:func:`held_bytes`), per model."""
+    print(f"torch {torch.__version__}, batch {batch}x{seq}, after 2 steps: MiB the optimizer holds")
+    print("| model | params | " + " | ".join(specs) + " |")
+    print("|---" * (len(specs) + 2) + "|")
+    for name in names:
+        row = []
+        for spec in specs:
+            torch.manual_seed(0)
+            model = build(name, seq)
+            opt = make_spec_optimizer(spec, model)
+            data = torch.randint(0, model.config.vocab_size, (batch, seq))
+            for _ in range(2):
+                one_step(model, opt, data)
+            row.append(held_bytes(opt) / 2**20)
+            n_params = sum(p.numel() for p in model.parameters())
+            del model, opt
+        print(f"| {name} | {n_params / 1e6:.1f}M | " + " | ".join(f"{v:.1f}" for v in row) + " |",
+              flush=True)
 
 
 def profile(name: str, batch: int, seq: int, slnb_args: dict) -> None:
@@ -595,6 +645,9 @@ def main() -> None:
     parser.add_argument("--side-by-side", default=None, metavar="SPEC;SPEC;...",
                         help="time these optimizers interleaved (the first is the baseline): "
                         "'adamw', 'torch_muon', 'slnb[:KEY=VALUE,...]', separated by ';'")
+    parser.add_argument("--held-memory", default=None, metavar="SPEC;SPEC;...",
+                        help="print the memory each optimizer holds after two steps (its state "
+                        "and buffers), specs as for --side-by-side")
     parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "OPT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -605,6 +658,9 @@ def main() -> None:
     args.models = args.models or "gpt2-tiny,gpt2-10m,minilm"
     if args.memory_worker:
         memory_worker(*args.memory_worker, 3, args.batch, args.seq, slnb_args)
+        return
+    if args.held_memory:
+        held_memory(args.models.split(","), args.held_memory.split(";"), args.batch, args.seq)
         return
     if args.side_by_side:
         side_by_side(args.models.split(","), args.side_by_side.split(";"), args.steps,

@@ -160,12 +160,24 @@ def test_diag_whitened_orth_direction_class_equals_its_definition(bias: bool) ->
     assert "input_cov" not in opt.state[lin.weight]  # no x x^T, no inverse root
 
 
-def test_layers_reading_one_input_share_its_product_and_each_get_their_covariance() -> None:
-    """q/k/v-style layers read one tensor: one ``x^T x`` serves them (``SharedGram``), and every
-    layer's input covariance still equals the dense one of its own input."""
+def test_layers_reading_one_input_share_its_product_and_each_get_their_covariance(
+        monkeypatch) -> None:
+    """q/k/v-style layers read one tensor: one ``x^T x`` (``SharedGram``) and one column-sum
+    reduction (``SharedSums``) serve them, and every layer's input covariance and feature
+    statistics still equal the dense ones of its own input."""
     from torch import nn
 
     from hf_slnb import SLNB
+    from hf_slnb.layers import base
+
+    reductions = []
+    real = base.column_sums
+
+    def counted(x, dtype):  # type: ignore[no-untyped-def]
+        reductions.append(tuple(x.shape))
+        return real(x, dtype)
+
+    monkeypatch.setattr(base, "column_sums", counted)
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -193,6 +205,10 @@ def test_layers_reading_one_input_share_its_product_and_each_get_their_covarianc
     for layer, inp in ((net.q, x), (net.k, x), (net.o, h)):
         torch.testing.assert_close(opt.state[layer.weight]["input_cov"],
                                    (1 - 0.95) * dense_cov(inp), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[layer.weight]["mu"], (1 - 0.9) * inp.mean(0))
+        torch.testing.assert_close(opt.state[layer.weight]["nu"],
+                                   (1 - 0.999) * inp.pow(2).mean(0))
+    assert len(reductions) == 3, reductions  # x (q and k), h (o), the head's input: 4 layers
 
 
 class _Block(torch.nn.Module):

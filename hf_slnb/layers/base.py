@@ -78,14 +78,27 @@ def add_column_sums(sum_x: Tensor, sum_x2: Tensor, x: Tensor) -> Tensor:
     On accelerators the squares' sum is a squared column norm: four kernels in all, no
     temporary of the input's size. On the CPU, where that norm is slow, :func:`square_sums`
     (five ops for most inputs)."""
-    dtype, dims = sum_x.dtype, tuple(range(x.dim() - 1))
+    return _add_sums(sum_x, sum_x2, column_sums(x, sum_x.dtype))
+
+
+def column_sums(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """``(Σ x, s, squared)`` over every position of ``x`` ``(..., d)`` in ``dtype``: ``s`` is
+    ``Σ x²`` (``squared``, the CPU: :func:`square_sums`) or the column norm whose square it is
+    (accelerators). :func:`add_column_sums` adds them."""
+    dims = tuple(range(x.dim() - 1))
     total = torch.sum(x, dims, dtype=dtype)
-    sum_x.add_(total)
     if x.device.type != "cpu":
-        norm = torch.linalg.vector_norm(x, 2, dims, dtype=dtype)
-        sum_x2.addcmul_(norm, norm)
+        return total, torch.linalg.vector_norm(x, 2, dims, dtype=dtype), False
+    return total, square_sums(x, dims, dtype), True
+
+
+def _add_sums(sum_x: Tensor, sum_x2: Tensor, sums: tuple[Tensor, Tensor, bool]) -> Tensor:
+    total, second, squared = sums
+    sum_x.add_(total)
+    if squared:
+        sum_x2.add_(second)
     else:
-        sum_x2.add_(square_sums(x, dims, dtype))
+        sum_x2.addcmul_(second, second)
     return total
 
 
@@ -125,6 +138,24 @@ class SharedGram(threading.local):
         gram.add_(self._gram)
 
 
+class SharedSums(threading.local):
+    """The last input's column sums (:func:`column_sums`), so that layers reading one tensor
+    (q/k/v, gate/up) pay for one reduction, as :class:`SharedGram` for their ``x^T x``."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, int, torch.dtype] | None = None
+        self._sums: tuple[Tensor, Tensor, bool] | None = None
+
+    def add_to(self, sum_x: Tensor, sum_x2: Tensor, x: Tensor) -> Tensor:
+        """:func:`add_column_sums`, reusing the sums of the same input."""
+        key = self._key
+        if (key is None or self._sums is None or key[0]() is not x or key[1] != x._version
+                or key[2] != sum_x.dtype):
+            self._sums = column_sums(x, sum_x.dtype)
+            self._key = (weakref.ref(x), x._version, sum_x.dtype)
+        return _add_sums(sum_x, sum_x2, self._sums)
+
+
 def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
                total: Tensor | None = None, blocks: int = 1) -> Tensor:
     """One input's ``x^T x`` ``(d, d)`` in ``dtype`` (upper blocks: :func:`add_gram_upper`),
@@ -161,6 +192,8 @@ def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
 
 #: One per thread (a backward pass runs its hooks on one thread per device).
 SHARED_GRAM = SharedGram()
+#: The column sums' counterpart (one per thread as well).
+SHARED_SUMS = SharedSums()
 
 
 def gram_upper_blocks(gram: Tensor, block: int = GRAM_BLOCK) -> list[Tensor]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import Vec, precondition_stacked
-from .base import SHARED_GRAM, Neuron, add_column_sums, register_layer, symmetrized
+from .base import SHARED_GRAM, SHARED_SUMS, Neuron, register_layer, symmetrized
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -35,7 +35,7 @@ class LinearNeuron(Neuron):
         rows = x.numel() // max(d, 1)
         cap = self.capture or self.open_capture(
             self.choose_explicit(rows, diagonal_only, distributed))
-        total = add_column_sums(cap.sum_x, cap.sum_x2, x)
+        total = SHARED_SUMS.add_to(cap.sum_x, cap.sum_x2, x)  # shared by layers reading x
         cap.count += rows
         cap.n_out += rows
         if diagonal_only:
