@@ -184,6 +184,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             self.clear_captures()
             return loss
         counts = self._reduce_captures()  # first: it folds in the captures made under compile
+        for arena in self._arenas:
+            arena.acquire()
         live = self._screen(params)
         ctx = StepContext(self._arenas, self.banks, frozenset(map(id, params)),
                           live, self._group_of_param, counts, self._shard_group,
@@ -315,6 +317,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         self._last = {"ctx_residuals": ctx.residuals, "norm": ctx.diagnostics,
                       "pre": [(s, ctx.preconditioned.get(id(s))) for s in ctx.slabs],
                       "live": [(s, ctx.mask_rows(s, None)) for s in ctx.slabs]}
+        for arena in self._arenas:  # the scratch costs no memory between steps
+            arena.release()
 
     # -- diagnostics --------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:

@@ -36,12 +36,14 @@ class Slab:
         self.arena: Arena | None = None
 
     def stack(self, flat: Tensor) -> Tensor:
-        """The slab's rows ``(L, *shape)`` of a persistent flat buffer (a view made once)."""
+        """The slab's rows ``(L, *shape)`` of a persistent flat buffer (a view made once; it
+        follows the buffer's storage when :meth:`Arena.release` frees it and
+        :meth:`Arena.acquire` allocates it again)."""
         cache = self.__dict__.setdefault("_stacks", {})
-        key = (flat.data_ptr(), flat.dtype)
-        if key not in cache:
-            cache[key] = flat[self.offset:self.end].view(len(self.params), *self.shape)
-        return cache[key]
+        key = (id(flat), flat.dtype)
+        if key not in cache:  # the buffer is kept beside its view: its id is never reused
+            cache[key] = (flat, flat[self.offset:self.end].view(len(self.params), *self.shape))
+        return cache[key][1]
 
     def rows(self, vec: Tensor, persistent: bool = False) -> Tensor:
         """The slab's entries ``(L,)`` of a per-parameter vector (a view; made once for the
@@ -101,6 +103,21 @@ class Arena:
         self._live_key: tuple[int, ...] | None = None
         self.live_elements: Tensor | None = None  # set by each step's context
         self.live_params: Tensor | None = None
+
+    def acquire(self) -> None:
+        """Allocate the step's scratch, the gradients' copy and the update (uninitialised:
+        each step writes them before reading them), if :meth:`release` freed it."""
+        for flat in (self.grad, self.update):
+            storage = flat.untyped_storage()
+            if storage.nbytes() == 0 and flat.numel() > 0:
+                storage.resize_(flat.numel() * flat.element_size())
+
+    def release(self) -> None:
+        """Free the step's scratch between steps, so that it costs no memory during the forward
+        and backward passes (as AdamW's temporaries). Its views stay valid: they refer to the
+        storage, which :meth:`acquire` allocates again."""
+        for flat in (self.grad, self.update):
+            flat.untyped_storage().resize_(0)
 
     def identity_tail(self) -> Tensor | None:
         """The gradient scratch after the banks' slabs (laid out first): the parameters with

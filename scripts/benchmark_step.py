@@ -194,9 +194,10 @@ def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq
 
 
 def held_bytes(opt: Any) -> int:
-    """Bytes of every distinct storage an optimizer holds: its state, and for SLNB its arenas and
-    its banks' tensors (covariances, roots, the step's ``x xᵀ`` sums, the cached ``C⁻¹``)."""
-    seen: set[int] = set()
+    """Bytes of every distinct storage an optimizer holds between steps (the model's parameters
+    aside): its state, and for SLNB its arenas and its banks' tensors (covariances, roots, the
+    step's ``x xᵀ`` sums, the cached ``C⁻¹``)."""
+    seen = {p.untyped_storage().data_ptr() for g in opt.param_groups for p in g["params"]}
     total = 0
 
     def add(t: Any) -> None:
@@ -208,7 +209,7 @@ def held_bytes(opt: Any) -> int:
                 add(item)
         elif isinstance(t, torch.Tensor):
             storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
+            if storage.nbytes() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
 

@@ -153,3 +153,58 @@ def test_options_that_act_are_not_warned_about() -> None:
         warnings.simplefilter("error")
         SLNB(m.parameters(), model=m, preset="paper", cg_iters=4, ridge=0.5, min_norm=0.1)
         SLNB(m.parameters(), model=m, eps=1e-6, norm_decay=0.99, shrinkage=0.2)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"preset": "paper"}, {"trust_region": "tensor"}, {"preset": "whitened", "lr": 1e-2},
+])
+def test_the_step_scratch_is_released_between_steps_and_written_before_it_is_read(
+        monkeypatch, options: dict) -> None:
+    """Between steps an arena holds no gradient copy and no update buffer (they would cost two
+    parameter-sized buffers during the forward and backward). Each step allocates them
+    uninitialised: filled with NaN at every allocation, a run whose steps leave a layer out
+    (no gradient on odd steps) and skip a non-finite one trains bit for bit as the plain run."""
+    from hf_slnb.slabs import Arena
+
+    def run(poison: bool) -> list[torch.Tensor]:
+        net = _stack_model()
+        opt = SLNB(net.parameters(), model=net, **options)
+        real = Arena.acquire
+
+        def acquire(self: Arena) -> None:
+            fresh = self.grad.untyped_storage().nbytes() == 0
+            real(self)
+            if poison and fresh:
+                self.grad.fill_(float("nan"))
+                self.update.fill_(float("nan"))
+
+        monkeypatch.setattr(Arena, "acquire", acquire)
+        g = torch.Generator().manual_seed(0)
+        for step in range(6):
+            x = torch.randn(12, 5, generator=g, dtype=F64)
+            loss = net(x).pow(2).mean()
+            if step == 3:
+                loss = loss * float("inf")
+            loss.backward()
+            if step % 2:  # a layer without gradient: its rows of the scratch are never copied
+                for p in net[2].parameters():
+                    p.grad = None
+            with pytest.warns(RuntimeWarning) if step == 3 else _no_warning():
+                opt.step()
+            opt.zero_grad()
+            for arena in opt._arenas:
+                assert arena.grad.untyped_storage().nbytes() == 0
+                assert arena.update.untyped_storage().nbytes() == 0
+        return [p.detach().clone() for p in net.parameters()]
+
+    plain, poisoned = run(False), run(True)
+    assert all(torch.isfinite(p).all() for p in plain)
+    assert all(torch.equal(a, b) for a, b in zip(plain, poisoned))
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
