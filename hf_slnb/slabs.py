@@ -21,6 +21,12 @@ from torch import Tensor
 
 from .distributed import is_dtensor, local
 
+#: Whether :meth:`Arena.release` frees the step's scratch on the CPU too. Off: there each new
+#: allocation is paid in page faults at its first write (MiniLM's 22.7M parameters: 70 ms per
+#: step, 17% of the default preset's step), and host memory is rarely what runs out.
+RELEASE_ON_CPU = False
+
+
 class Slab:
     """``L`` parameters of one local shape: rows ``lo:hi`` of the arena's parameter list."""
 
@@ -113,9 +119,12 @@ class Arena:
                 storage.resize_(flat.numel() * flat.element_size())
 
     def release(self) -> None:
-        """Free the step's scratch between steps, so that it costs no memory during the forward
-        and backward passes (as AdamW's temporaries). Its views stay valid: they refer to the
-        storage, which :meth:`acquire` allocates again."""
+        """Free the step's scratch between steps on accelerators, so that it costs no memory
+        during the forward and backward passes (as AdamW's temporaries; the caching allocator
+        hands it back at no cost). Its views stay valid: they refer to the storage, which
+        :meth:`acquire` allocates again. On the CPU it is kept (:data:`RELEASE_ON_CPU`)."""
+        if self.device.type == "cpu" and not RELEASE_ON_CPU:
+            return
         for flat in (self.grad, self.update):
             flat.untyped_storage().resize_(0)
 
