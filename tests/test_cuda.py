@@ -92,15 +92,17 @@ def test_preset_on_device_matches_cpu(preset: str) -> None:
         assert float((g - w).norm()) <= 1e-10 * moved, f"step {t}: device and CPU disagree"
 
 
-def test_whitened_preset_on_device_matches_cpu() -> None:
+@pytest.mark.parametrize("max_block", [1024, 4])
+def test_whitened_preset_on_device_matches_cpu(max_block: int) -> None:
     """``preset="whitened"`` in float64: on the device the inverse roots come from coupled
     Newton-Schulz and every layer iterates on ``M C^{-1/2}``, on the CPU from ``eigh`` and the
     Gram form where it applies. The same maths: the two agree to 1e-4 of the distance moved
-    (Newton-Schulz's 20 steps reach the damped roots to about 1e-6)."""
+    (Newton-Schulz's 20 steps reach the damped roots to about 1e-6); also with ``max_block=4``
+    (``fc``'s 8 input features in two blocks). Between steps the device holds no step scratch."""
     from hf_slnb import SLNB
 
     cpu_model, dev_model = _models()
-    kw = {"preset": "whitened", "lr": 1e-2, "whiten_every": 2}
+    kw = {"preset": "whitened", "lr": 1e-2, "whiten_every": 2, "max_block": max_block}
     ref = SLNB(cpu_model.parameters(), model=cpu_model, **kw)
     want = _train(cpu_model, ref, torch.device("cpu"))
     opt = SLNB(dev_model.parameters(), model=dev_model, **kw)
@@ -112,6 +114,9 @@ def test_whitened_preset_on_device_matches_cpu() -> None:
         assert float((g - w).norm()) <= 1e-4 * moved, f"step {t}: device and CPU disagree"
     fraction = opt.diagnostics()["slnb/preconditioned_fraction"]
     assert fraction == ref.diagnostics()["slnb/preconditioned_fraction"] > 0.4
+    if DEVICE.type != "cpu":  # the CPU keeps it (hf_slnb.slabs.RELEASE_ON_CPU)
+        assert all(a.grad.untyped_storage().nbytes() == 0 == a.update.untyped_storage().nbytes()
+                   for a in opt._arenas)
 
 
 def test_bf16_parameters_keep_float32_state_on_device() -> None:
