@@ -212,3 +212,28 @@ class _no_warning:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta_norm"])
+def test_nonfinite_flags_are_exact(device: str, monkeypatch) -> None:
+    """Each tensor is flagged iff it holds a NaN or an inf (dense: ``~isfinite(t).all()``), never
+    for large finite values (a 2-norm of 3e38 overflows) nor half-precision ones near their
+    limit; on the CPU (``aminmax``) and on the accelerators' path (the max-abs norm, forced here)."""
+    from hf_slnb import functional
+
+    def fp16(v: float) -> torch.Tensor:
+        return torch.full((7,), v, dtype=torch.float16)
+
+    big = torch.full((1000,), 3e38)
+    big[1::2] = -3e38
+    tensors = [torch.randn(5, 3), big, fp16(65504.0), torch.randn(4, dtype=F64)]
+    for k, bad in enumerate((float("nan"), float("inf"), float("-inf"))):
+        t = torch.randn(30, 4, dtype=(torch.float32, torch.bfloat16, F64)[k])
+        t[7, 2] = bad
+        tensors.append(t)
+    tensors.append(torch.tensor([float("inf"), float("-inf")]))
+    if device == "meta_norm":  # the accelerators' path, taken on the CPU
+        monkeypatch.setattr(functional, "_on_cpu", lambda tensors: False)
+    got = functional.nonfinite_flags(tensors)
+    want = torch.tensor([not bool(torch.isfinite(t).all()) for t in tensors])
+    assert torch.equal(got, want), (got, want)
