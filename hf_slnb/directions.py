@@ -171,7 +171,9 @@ class WhitenedOrth(Direction):
     out everything but the hidden matrices); embeddings, heads and convolutions keep ``g`` (the
     step rule then gives them Adam's step). An FSDP2-sharded layer is gathered whole for its
     orthogonalisation on every rank, each keeping its shard (as Muon under FSDP2); its
-    covariance is replicated. Needs each layer's ``sum x x^T``.
+    covariance is replicated. An input wider than ``max_block`` is whitened in diagonal blocks
+    (:meth:`blocks`: ``C`` is then the block diagonal of the covariance, state ``(blocks, b, b)``
+    per layer). Needs each layer's ``sum x x^T`` (its diagonal blocks).
     """
 
     name = "whitened_orth"
