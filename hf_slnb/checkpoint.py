@@ -145,7 +145,7 @@ class Checkpointing:
                         want = None
                         if neuron is not None and self.direction.takes(neuron):  # type: ignore[attr-defined]
                             want = self.direction.state_shape(neuron)  # type: ignore[attr-defined]
-                        if neuron is not None and not self.direction.takes(neuron):  # type: ignore[attr-defined]
+                        elif neuron is not None:
                             raise ValueError(
                                 f"Cannot load this SLNB checkpoint: it keeps an input covariance "
                                 f"for parameter {self._names.get(id(p), '?')!r}, which this "  # type: ignore[attr-defined]

@@ -37,12 +37,9 @@ def centre_(xx_sum: torch.Tensor, x_sum: torch.Tensor,
 
 
 def damp(c: torch.Tensor, damping: float) -> torch.Tensor:
-    """``C + damping · (tr C / d) · I``: a ridge relative to the mean eigenvalue, so scale-free."""
-    if damping < 0:
-        raise ValueError(f"damping={damping!r}: must be >= 0.")
-    d = c.shape[-1]
-    ridge = damping * torch.diagonal(c, dim1=-2, dim2=-1).sum(-1) / d
-    return c + ridge[..., None, None] * torch.eye(d, dtype=c.dtype, device=c.device)
+    """``C + damping · (tr C / d) · I``: a ridge relative to the mean eigenvalue, so scale-free
+    (:func:`damp_blocks` with one block)."""
+    return damp_blocks(c.unsqueeze(-3), damping, c.shape[-1]).squeeze(-3)
 
 
 def damp_blocks(c: torch.Tensor, damping: float, features: int) -> torch.Tensor:

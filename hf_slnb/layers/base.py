@@ -114,46 +114,44 @@ def row_stride(n: int, rows: int, seq: int) -> int:
     return k
 
 
-class SharedGram(threading.local):
-    """The last input's ``x^T x`` (upper blocks), so that layers reading one tensor (a Llama's or
-    BERT's q/k/v, a Llama's gate/up) pay for one product: their capture hooks fire one after
-    another in the backward pass. Keyed by the input's identity and version through a weak
-    reference (a freed input never matches, and is never kept alive)."""
+class _LastInput(threading.local):
+    """What was computed from the last input (a hook's), so that layers reading one tensor (a
+    Llama's or BERT's q/k/v, a Llama's gate/up) pay for it once: their capture hooks fire one
+    after another in the backward pass. Keyed by the input's identity and version through a weak
+    reference (a freed input never matches, and is never kept alive), and by ``extra``."""
 
     def __init__(self) -> None:
-        self._key: tuple[Any, int, torch.dtype, int, int] | None = None
-        self._gram: Tensor | None = None
+        self._key: tuple[Any, int, Any] | None = None
+        self._value: Any = None
+
+    def of(self, x: Tensor, extra: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its value for the same ``x`` and ``extra`` as last time."""
+        key = self._key
+        if key is None or key[0]() is not x or key[1] != x._version or key[2] != extra:
+            self._value = compute()
+            self._key = (weakref.ref(x), x._version, extra)
+        return self._value
+
+
+class SharedGram(_LastInput):
+    """The last input's ``x^T x`` (upper blocks): one product per input (:class:`_LastInput`)."""
 
     def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0,
                total: Tensor | None = None, blocks: int = 1) -> None:
         """``gram += x^T x`` (upper blocks; with ``rows``, estimated; with ``blocks``, its
         diagonal blocks: :func:`input_gram`), reusing the product of the same input. ``total``,
         the sum of all rows if the caller has it, saves recomputing their mean."""
-        key = self._key
-        if (key is None or key[0]() is not x or key[1] != x._version or key[2] != gram.dtype
-                or key[3] != rows or key[4] != blocks):
-            prod = input_gram(x, d, rows, gram.dtype, total, blocks)
-            self._key = (weakref.ref(x), x._version, gram.dtype, rows, blocks)
-            self._gram = prod
-        gram.add_(self._gram)
+        gram.add_(self.of(x, (gram.dtype, rows, blocks),
+                          lambda: input_gram(x, d, rows, gram.dtype, total, blocks)))
 
 
-class SharedSums(threading.local):
-    """The last input's column sums (:func:`column_sums`), so that layers reading one tensor
-    (q/k/v, gate/up) pay for one reduction, as :class:`SharedGram` for their ``x^T x``."""
-
-    def __init__(self) -> None:
-        self._key: tuple[Any, int, torch.dtype] | None = None
-        self._sums: tuple[Tensor, Tensor, bool] | None = None
+class SharedSums(_LastInput):
+    """The last input's column sums (:func:`column_sums`): one reduction per input."""
 
     def add_to(self, sum_x: Tensor, sum_x2: Tensor, x: Tensor) -> Tensor:
         """:func:`add_column_sums`, reusing the sums of the same input."""
-        key = self._key
-        if (key is None or self._sums is None or key[0]() is not x or key[1] != x._version
-                or key[2] != sum_x.dtype):
-            self._sums = column_sums(x, sum_x.dtype)
-            self._key = (weakref.ref(x), x._version, sum_x.dtype)
-        return _add_sums(sum_x, sum_x2, self._sums)
+        return _add_sums(sum_x, sum_x2,
+                         self.of(x, sum_x.dtype, lambda: column_sums(x, sum_x.dtype)))
 
 
 def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
