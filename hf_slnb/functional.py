@@ -184,8 +184,21 @@ def graft_ratio(adam: Tensor, h: Tensor) -> Tensor:
 
 
 # -- the non-finite skip as a mask ------------------------------------------------------------
+#: Whether the CPU takes its own, faster paths where an accelerator's would cost it more: the
+#: non-finite check by ``aminmax`` (:func:`nonfinite_flags`), and branches on a step's flags read
+#: on the host, which waits for nothing there (``StepContext``: ``arena.all_live``). The numbers
+#: are the same bit for bit. ``scripts/benchmark_step.py --count-ops`` turns it off, so that its
+#: counts of ops and syncs on the CPU are an accelerator's.
+CPU_PATHS = True
+
+
+def cpu_path(device: torch.device) -> bool:
+    """Whether work on ``device`` takes the CPU's own path (:data:`CPU_PATHS`)."""
+    return CPU_PATHS and device.type == "cpu"
+
+
 def _on_cpu(tensors: list[Tensor]) -> bool:
-    return bool(tensors) and tensors[0].device.type == "cpu"
+    return bool(tensors) and cpu_path(tensors[0].device)
 
 
 def nonfinite_flags(tensors: list[Tensor]) -> Tensor:

@@ -286,7 +286,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
     def _apply(self, params: list[Tensor], ctx: StepContext) -> None:
         """``p <- p (1 - lr wd keep) - lr keep u``: one pair of foreach ops per group and arena."""
         for arena in self._arenas:
-            arena.update.masked_fill_(arena.live_elements.logical_not(), 0.0)
+            if not arena.all_live:
+                arena.update.masked_fill_(arena.live_elements.logical_not(), 0.0)
         stepped = {id(p) for p in params}
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]

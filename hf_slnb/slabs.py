@@ -109,6 +109,8 @@ class Arena:
         self._live_key: tuple[int, ...] | None = None
         self.live_elements: Tensor | None = None  # set by each step's context
         self.live_params: Tensor | None = None
+        #: Every element is live this step, known on the host (the CPU only: see StepContext).
+        self.all_live = False
 
     def acquire(self) -> None:
         """Allocate the step's scratch, the gradients' copy and the update (uninitialised:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .functional import Stack, bias_correction, feature_statistics_, per_layer
+from .functional import Stack, bias_correction, cpu_path, feature_statistics_, per_layer
 from .layers import Bank
 from .slabs import Arena, Slab
 
@@ -69,6 +69,11 @@ class StepContext:
             keep = live.to(arena.device)
             arena.live_elements = keep if elem is None else elem & keep
             arena.live_params = keep if per is None else per & keep
+            # On the CPU, where reading a flag waits for nothing, a step in which every
+            # parameter is live skips the masks' passes over the whole arena (MiniLM: 3 passes
+            # over 22.7M elements, 5% of the whitened step). Accelerators always mask: no sync.
+            arena.all_live = bool(elem is None and cpu_path(keep.device)
+                                  and cpu_path(live.device) and keep.all())
         self.banks: list[Bank] = []
         for bank in banks:  # those laid out as a bank (the others' layers take the identity)
             w = bank.neurons[0].weight
@@ -95,7 +100,8 @@ class StepContext:
         for arena in self.arenas:
             m, grad = arena.buffers["momentum_buffer"], arena.grad
             arena.steps.add_(arena.live_params)
-            torch.where(arena.live_elements, grad, m, out=grad)
+            if not arena.all_live:
+                torch.where(arena.live_elements, grad, m, out=grad)
             if len(set(arena.beta_values)) == 1:
                 m.lerp_(grad, 1.0 - arena.beta_values[0])
             else:

@@ -137,7 +137,8 @@ class AdamGraft(StepRule):
         for arena in ctx.arenas:  # the update buffer is free scratch until the step rule
             v, sq = arena.buffers["exp_avg_sq"], arena.update
             torch.mul(arena.grad, arena.grad, out=sq)
-            torch.where(arena.live_elements, sq, v, out=sq)  # skipped or gradient-free: v stays
+            if not arena.all_live:  # skipped or gradient-free: v stays
+                torch.where(arena.live_elements, sq, v, out=sq)
             v.lerp_(sq, 1.0 - self.config.norm_decay)
 
     def updates(self, ctx: StepContext) -> None:

@@ -484,6 +484,9 @@ def count_step(name: str, kind: str, *, batch: int, seq: int, vocab: int, micro:
     Phases: ``forward_1``/``backward_1`` (first micro-batch of the step), ``forward``/
     ``backward`` (the later ones, summed) and ``step`` (``optimizer.step()``).
     """
+    import hf_slnb.functional
+
+    hf_slnb.functional.CPU_PATHS = False  # count what an accelerator's step dispatches
     model = build_count_model(name, seq, vocab).train()
     opt = make_count_optimizer(kind, model, slnb_args)
     gen = torch.Generator().manual_seed(1)

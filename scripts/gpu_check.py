@@ -143,9 +143,15 @@ def sync_debug(mode: str, device: torch.device, host: set[int]) -> Iterator[None
             yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    else:
-        with _CpuSyncGuard(mode, host):
-            yield
+    else:  # the accelerator's path: without the CPU's own (hf_slnb.functional.CPU_PATHS)
+        from hf_slnb import functional
+
+        cpu_paths, functional.CPU_PATHS = functional.CPU_PATHS, False
+        try:
+            with _CpuSyncGuard(mode, host):
+                yield
+        finally:
+            functional.CPU_PATHS = cpu_paths
 
 
 def _host_counters(opt: torch.optim.Optimizer) -> set[int]:

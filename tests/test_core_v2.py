@@ -164,12 +164,15 @@ def test_the_step_scratch_is_released_between_steps_and_written_before_it_is_rea
     parameter-sized buffers during the forward and backward; on accelerators, and here on the
     CPU with ``RELEASE_ON_CPU``). Each step allocates them uninitialised: filled with NaN at
     every allocation, a run whose steps leave a layer out (no gradient on odd steps) and skip a
-    non-finite one trains bit for bit as the plain run, which keeps them."""
-    from hf_slnb import slabs
+    non-finite one trains bit for bit as the plain run, which keeps them. So does a run with
+    the masks of an accelerator's step on every step (``CPU_PATHS`` off: the plain run skips
+    them on the steps in which every parameter is live)."""
+    from hf_slnb import functional, slabs
     from hf_slnb.slabs import Arena
 
-    def run(poison: bool) -> list[torch.Tensor]:
+    def run(poison: bool, branches: bool = True) -> list[torch.Tensor]:
         monkeypatch.setattr(slabs, "RELEASE_ON_CPU", poison)
+        monkeypatch.setattr(functional, "CPU_PATHS", branches)
         net = _stack_model()
         opt = SLNB(net.parameters(), model=net, **options)
         real = Arena.acquire
@@ -201,9 +204,10 @@ def test_the_step_scratch_is_released_between_steps_and_written_before_it_is_rea
                 assert arena.update.untyped_storage().nbytes() == held
         return [p.detach().clone() for p in net.parameters()]
 
-    plain, poisoned = run(False), run(True)
+    plain, poisoned, masked = run(False), run(True), run(False, branches=False)
     assert all(torch.isfinite(p).all() for p in plain)
     assert all(torch.equal(a, b) for a, b in zip(plain, poisoned))
+    assert all(torch.equal(a, b) for a, b in zip(plain, masked))
 
 
 class _no_warning:
