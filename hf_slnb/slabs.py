@@ -130,6 +130,23 @@ class Arena:
         for flat in (self.grad, self.update):
             flat.untyped_storage().resize_(0)
 
+    def spans(self, flat: Tensor, skip: frozenset[int]) -> list[Tensor]:
+        """The flat views of a persistent buffer outside the slabs whose ids are in ``skip``:
+        one per maximal run of the other slabs (made once per buffer and ``skip``)."""
+        cache = self.__dict__.setdefault("_spans", {})
+        key = (id(flat), flat.dtype, skip)
+        if key not in cache:
+            runs: list[list[int]] = []
+            for slab in self.slabs:
+                if id(slab) in skip:
+                    continue
+                if runs and runs[-1][1] == slab.offset:
+                    runs[-1][1] = slab.end
+                else:
+                    runs.append([slab.offset, slab.end])
+            cache[key] = (flat, [flat[lo:hi] for lo, hi in runs])  # the buffer kept: its id
+        return cache[key][1]  # is never reused
+
     def identity_tail(self) -> Tensor | None:
         """The gradient scratch after the banks' slabs (laid out first): the parameters with
         the identity metric, as one flat view (made once)."""

@@ -145,19 +145,29 @@ class AdamGraft(StepRule):
         self.adam(ctx)
         self.graft(ctx)
 
-    def adam(self, ctx: StepContext) -> None:
-        """Adam's direction everywhere, into the update buffer."""
+    def adam(self, ctx: StepContext, skip: frozenset[int] = frozenset()) -> None:
+        """Adam's direction into the update buffer, everywhere but the slabs whose ids are in
+        ``skip`` (a step rule that overwrites them: their rows are left as they were)."""
         d, eps = self.config.norm_decay, self.config.eps
         for arena in ctx.arenas:
             u, v = arena.update, arena.buffers["exp_avg_sq"]
+            if not skip:
+                pieces = [(u, v, arena.grad)]
+            else:
+                pieces = list(zip(arena.spans(u, skip), arena.spans(v, skip),
+                                  arena.spans(arena.grad, skip)))
             if arena.uniform:
-                torch.div(v, bias_correction(d, arena.step0).to(arena.dtype), out=u)
+                bc = bias_correction(d, arena.step0).to(arena.dtype)
+                for uu, vv, _ in pieces:
+                    torch.div(vv, bc, out=uu)
             else:
                 bc = bias_correction(d, arena.steps)
                 for s, rows in zip(arena.slabs, ctx.split(arena, bc)):
-                    torch.div(s.stack(v), per_layer(rows, s.stack(v)), out=s.stack(u))
-            u.sqrt_().add_(eps)
-            torch.div(arena.grad, u, out=u)
+                    if id(s) not in skip:
+                        torch.div(s.stack(v), per_layer(rows, s.stack(v)), out=s.stack(u))
+            for uu, _, gg in pieces:
+                uu.sqrt_().add_(eps)
+                torch.div(gg, uu, out=uu)
 
     def graft(self, ctx: StepContext) -> None:
         """The banks: SLNB's direction at the length of Adam's (in the update buffer)."""
@@ -189,7 +199,9 @@ class OrthAdam(AdamGraft):
     name = "orth"
 
     def updates(self, ctx: StepContext) -> None:
-        self.adam(ctx)  # Adam's direction everywhere; the banks' replaced below
+        # Adam's direction wherever a layer may take it: not on the slabs of layers that all
+        # take the orthogonalised direction (all captured), which is copied over them below.
+        self.adam(ctx, frozenset(id(s) for s in _bank_slabs(ctx) if ctx.all_captured(s)))
         for s in _bank_slabs(ctx):
             out = s.stack(s.arena.update)
             u = ctx.h[id(s)]
