@@ -222,12 +222,14 @@ OPTIONS: tuple[Option, ...] = (
            "Integer >= 0.", _count, acts=_whitening,
            why_not="only direction='whitened_orth' keeps x x^T for the whitening"),
     Option("max_block", int, "inputs wider than this are whitened in diagonal blocks of at "
-           "most this many features (direction='whitened_orth'; Shampoo's maximum preconditioner "
-           "size): the blocks' covariances and inverse roots replace the whole input's, so the "
-           "memory a layer keeps is 8-16 bytes x d x max_block, not x d^2, and each inverse "
-           "root costs max_block^3, not d^3 (the orthogonalisation still sees the whole layer). "
-           "0 whitens every input whole. Integer >= 0; it fixes the shape of the saved "
-           "covariances.", _count, acts=_whitening,
+           "most this many features (direction='whitened_orth'), as Shampoo bounds its "
+           "preconditioners: the blocks' covariances and inverse roots replace the whole "
+           "input's, so the memory a layer keeps is 8-16 bytes x d x max_block, not x d^2, each "
+           "inverse root costs max_block^3, not d^3, and each whitening product d max_block, "
+           "not d^2, per output (the orthogonalisation still sees the whole layer). 256 lost "
+           "nothing measurable against whole inputs (BENCHMARKS.md, issue 13, rounds 9-10). 0 "
+           "whitens every input whole. Integer >= 0; it fixes the shape of the saved "
+           "covariances (a checkpoint made with another value is refused, naming it).", _count, acts=_whitening,
            why_not="only direction='whitened_orth' keeps an input covariance"),
     Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
            "direction='diagonal', False direction='pcg'.", _flag, state=True),
@@ -299,7 +301,7 @@ class SLNBConfig:
     orth_split: bool = True
     whiten_every: int = 10
     cov_rows: int = 0
-    max_block: int = 1024
+    max_block: int = 256
     diagonal_only: bool = True
     precondition_embeddings: bool = True
     skip_modules: tuple[str, ...] = ()
