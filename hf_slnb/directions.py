@@ -20,7 +20,7 @@ from torch import Tensor
 from . import distributed
 from . import whitened as W
 from .config import register
-from .functional import Stack, conjugate_gradient, per_layer
+from .functional import Stack, conjugate_gradient, cpu_path, per_layer
 from .layers import symmetrize_
 
 #: RMS of an orthogonalised layer update per unit lr (Moonlight, arXiv 2502.16982: AdamW's
@@ -239,6 +239,7 @@ class WhitenedOrth(Direction):
             L, k, b = cov.shape[:3]
             counts = ctx.counts[id(bank)][0]  # (L, 1, 1)
             keep = stats.active & ctx.live
+            mask = not (cpu_path(keep.device) and bool(keep.all()))  # the CPU reads it freely
             refresh = bank.whiten_steps % self.config.whiten_every == 0  # host counter: no sync
             bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)[..., None]
             sum_x = bank.sum_x  # (L, d), as the blocks' (L, k, b), zero-padded
@@ -252,7 +253,8 @@ class WhitenedOrth(Direction):
                 # bank's sums are zeroed after the step
                 W.centre_(c, sum_x[rows], counts[rows])
                 # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
-                torch.where(keep[rows, None, None, None], c, cov[rows], out=c)
+                if mask:
+                    torch.where(keep[rows, None, None, None], c, cov[rows], out=c)
                 cov[rows].lerp_(c, 1.0 - self.decay)
             if refresh:
                 self.refresh(ctx, bank, bias, owners.get(id(bank)))
