@@ -229,7 +229,8 @@ OPTIONS: tuple[Option, ...] = (
            "not d^2, per output (the orthogonalisation still sees the whole layer). 256 lost "
            "nothing measurable against whole inputs (BENCHMARKS.md, issue 13, rounds 9-10). 0 "
            "whitens every input whole. Integer >= 0; it fixes the shape of the saved "
-           "covariances (a checkpoint made with another value is refused, naming it).", _count, acts=_whitening,
+           "covariances (a checkpoint made with another value is refused, naming it).", _count,
+           acts=_whitening,
            why_not="only direction='whitened_orth' keeps an input covariance"),
     Option("diagonal_only", bool, "shorthand kept from before 'direction': True is "
            "direction='diagonal', False direction='pcg'.", _flag, state=True),

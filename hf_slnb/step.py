@@ -70,8 +70,8 @@ class StepContext:
             arena.live_elements = keep if elem is None else elem & keep
             arena.live_params = keep if per is None else per & keep
             # On the CPU, where reading a flag waits for nothing, a step in which every
-            # parameter is live skips the masks' passes over the whole arena (MiniLM: 3 passes
-            # over 22.7M elements, 5% of the whitened step). Accelerators always mask: no sync.
+            # parameter is live skips the masks' passes over the whole arena (gpt2-10m: 24 ms
+            # of a 320 ms whitened step()). Accelerators always mask: they never wait on a flag.
             arena.all_live = bool(elem is None and cpu_path(keep.device)
                                   and cpu_path(live.device) and keep.all())
         self.banks: list[Bank] = []

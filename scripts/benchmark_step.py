@@ -484,9 +484,18 @@ def count_step(name: str, kind: str, *, batch: int, seq: int, vocab: int, micro:
     Phases: ``forward_1``/``backward_1`` (first micro-batch of the step), ``forward``/
     ``backward`` (the later ones, summed) and ``step`` (``optimizer.step()``).
     """
-    import hf_slnb.functional
+    from hf_slnb import functional
 
-    hf_slnb.functional.CPU_PATHS = False  # count what an accelerator's step dispatches
+    cpu_paths, functional.CPU_PATHS = functional.CPU_PATHS, False  # an accelerator's ops
+    try:
+        return _count_step(name, kind, batch=batch, seq=seq, vocab=vocab, micro=micro,
+                           warmup=warmup, slnb_args=slnb_args)
+    finally:
+        functional.CPU_PATHS = cpu_paths
+
+
+def _count_step(name: str, kind: str, *, batch: int, seq: int, vocab: int, micro: int,
+                warmup: int, slnb_args: dict[str, Any]) -> dict[str, Any]:
     model = build_count_model(name, seq, vocab).train()
     opt = make_count_optimizer(kind, model, slnb_args)
     gen = torch.Generator().manual_seed(1)
