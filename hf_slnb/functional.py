@@ -14,7 +14,8 @@ axis first.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -195,6 +196,18 @@ CPU_PATHS = True
 def cpu_path(device: torch.device) -> bool:
     """Whether work on ``device`` takes the CPU's own path (:data:`CPU_PATHS`)."""
     return CPU_PATHS and device.type == "cpu"
+
+
+@contextlib.contextmanager
+def accelerator_paths() -> Iterator[None]:
+    """Within the block the CPU takes an accelerator's paths (:data:`CPU_PATHS` off), so that
+    what it dispatches and whether it syncs are an accelerator's."""
+    global CPU_PATHS
+    saved, CPU_PATHS = CPU_PATHS, False
+    try:
+        yield
+    finally:
+        CPU_PATHS = saved
 
 
 def _on_cpu(tensors: list[Tensor]) -> bool:

@@ -72,8 +72,7 @@ class StepContext:
             # On the CPU, where reading a flag waits for nothing, a step in which every
             # parameter is live skips the masks' passes over the whole arena (gpt2-10m: 24 ms
             # of a 320 ms whitened step()). Accelerators always mask: they never wait on a flag.
-            arena.all_live = bool(elem is None and cpu_path(keep.device)
-                                  and cpu_path(live.device) and keep.all())
+            arena.all_live = bool(elem is None and cpu_path(keep.device) and keep.all())
         self.banks: list[Bank] = []
         for bank in banks:  # those laid out as a bank (the others' layers take the identity)
             w = bank.neurons[0].weight

@@ -484,18 +484,8 @@ def count_step(name: str, kind: str, *, batch: int, seq: int, vocab: int, micro:
     Phases: ``forward_1``/``backward_1`` (first micro-batch of the step), ``forward``/
     ``backward`` (the later ones, summed) and ``step`` (``optimizer.step()``).
     """
-    from hf_slnb import functional
+    from hf_slnb.functional import accelerator_paths
 
-    cpu_paths, functional.CPU_PATHS = functional.CPU_PATHS, False  # an accelerator's ops
-    try:
-        return _count_step(name, kind, batch=batch, seq=seq, vocab=vocab, micro=micro,
-                           warmup=warmup, slnb_args=slnb_args)
-    finally:
-        functional.CPU_PATHS = cpu_paths
-
-
-def _count_step(name: str, kind: str, *, batch: int, seq: int, vocab: int, micro: int,
-                warmup: int, slnb_args: dict[str, Any]) -> dict[str, Any]:
     model = build_count_model(name, seq, vocab).train()
     opt = make_count_optimizer(kind, model, slnb_args)
     gen = torch.Generator().manual_seed(1)
@@ -517,10 +507,11 @@ def _count_step(name: str, kind: str, *, batch: int, seq: int, vocab: int, micro
             counter.phase = "other"
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        train_step(None)
-    with OpCounter(_host_counters(opt)) as counter:
-        train_step(counter)
+    with accelerator_paths():  # count what an accelerator's step dispatches
+        for _ in range(warmup):
+            train_step(None)
+        with OpCounter(_host_counters(opt)) as counter:
+            train_step(counter)
     n_tensors = sum(1 for g in opt.param_groups for p in g["params"] if p.requires_grad)
     phases = ("forward_1", "backward_1", "forward", "backward", "step")
     return {

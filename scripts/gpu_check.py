@@ -144,14 +144,10 @@ def sync_debug(mode: str, device: torch.device, host: set[int]) -> Iterator[None
         finally:
             torch.cuda.set_sync_debug_mode("default")
     else:  # the accelerator's path: without the CPU's own (hf_slnb.functional.CPU_PATHS)
-        from hf_slnb import functional
+        from hf_slnb.functional import accelerator_paths
 
-        cpu_paths, functional.CPU_PATHS = functional.CPU_PATHS, False
-        try:
-            with _CpuSyncGuard(mode, host):
-                yield
-        finally:
-            functional.CPU_PATHS = cpu_paths
+        with accelerator_paths(), _CpuSyncGuard(mode, host):
+            yield
 
 
 def _host_counters(opt: torch.optim.Optimizer) -> set[int]:
