@@ -171,10 +171,14 @@ def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
 
 
 def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq: int) -> None:
-    """Mean step time of every spec (periodic work such as an inverse root every 10 steps
-    included), interleaved step by step in one process, per model."""
+    """Step time of every spec, interleaved step by step in one process, per model: the median
+    forward + backward (no periodic work there, and the median drops the shared machine's
+    stalls, which a mean over a few multi-second steps does not: one MiniLM run's forward and
+    backward took 4.5 to 5.7 s from step to step) plus the mean ``optimizer.step()`` (so that
+    periodic work, such as an inverse root every 10 steps, counts at its share)."""
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}x{seq}, "
-          f"mean of {steps} steps after 2 warm-up steps, interleaved")
+          f"{steps} steps after 2 warm-up steps, interleaved: median forward+backward + mean "
+          "step()")
     print("| model | " + " | ".join(f"{s} (s)" for s in specs) + " | " +
           " | ".join(f"{s} / {specs[0]}" for s in specs[1:]) + " |")
     print("|---" * (2 * len(specs)) + "|")
@@ -182,15 +186,23 @@ def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq
         models = [build(name, seq) for _ in specs]
         opts = [make_spec_optimizer(s, m) for s, m in zip(specs, models)]
         data = torch.randint(0, models[0].config.vocab_size, (batch, seq))
-        times: list[list[float]] = [[] for _ in specs]
+        times: list[tuple[list[float], list[float]]] = [([], []) for _ in specs]
         for i in range(steps + 2):
             for k, (model, opt) in enumerate(zip(models, opts)):
-                t = one_step(model, opt, data)
+                t0 = time.perf_counter()
+                model(input_ids=data, labels=data).loss.backward()
+                t1 = time.perf_counter()
+                opt.step()
+                model.zero_grad(set_to_none=True)
                 if i >= 2:
-                    times[k].append(t)
-        med = [statistics.fmean(t) for t in times]
-        print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in med) + " | " +
-              " | ".join(f"{m / med[0]:.2f}" for m in med[1:]) + " |", flush=True)
+                    times[k][0].append(t1 - t0)
+                    times[k][1].append(time.perf_counter() - t1)
+        parts = [(statistics.median(fb), statistics.fmean(st)) for fb, st in times]
+        total = [fb + st for fb, st in parts]
+        print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in total) + " | " +
+              " | ".join(f"{t / total[0]:.2f}" for t in total[1:]) + " |", flush=True)
+        print(f"  {name}: forward+backward median / step() mean (s): " + "; ".join(
+            f"{s} {fb:.3f} / {st:.3f}" for s, (fb, st) in zip(specs, parts)), flush=True)
 
 
 def held_bytes(opt: Any) -> int:
