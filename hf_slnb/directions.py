@@ -164,8 +164,9 @@ class WhitenedOrth(Direction):
     SLNB's reparameterisation view. The result is scaled to Muon's size (``|orth(.)|_F``), then
     to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
     so ``lr`` is AdamW's for every parameter). The orthogonalisation runs in ``orth_dtype``: by
-    default bfloat16 on accelerators, as Muon, and float32 on the CPU
-    (:func:`hf_slnb.whitened.ns_dtype`; float64 parameters stay float64). Applies to the
+    default bfloat16 on accelerators, as Muon, and on the CPU bfloat16 for near-square
+    layers where it has native bfloat16 instructions, float32 otherwise (:meth:`orth_dtype`;
+    float64 parameters stay float64). Applies to the
     ``nn.Linear`` and HF ``Conv1D`` layers that ``orth_layers`` picks (by default those inside
     the repeated blocks: a classifier or pooler beside them is left out, as Muon's authors leave
     out everything but the hidden matrices); embeddings, heads and convolutions keep ``g`` (the
@@ -203,8 +204,14 @@ class WhitenedOrth(Direction):
         return self.takes(neuron)
 
     def orth_dtype(self, m: Tensor) -> torch.dtype:
-        """The Newton-Schulz dtype for the stack ``m`` (``orth_dtype``)."""
-        return W.ns_dtype(m.dtype, m.device, self.config.orth_dtype)
+        """The Newton-Schulz dtype for the stack ``m`` (``orth_dtype``; 'auto' on a CPU with
+        native bfloat16: bfloat16 for the near-square layers whose short side is at least
+        :data:`hf_slnb.whitened.BF16_CPU_MIN`, which Newton-Schulz iterates there at twice
+        float32's speed, and float32 for the elongated ones, whose Gram matrix's
+        eigendecomposition in float32 costs less still)."""
+        short, long = sorted(m.shape[-2:])
+        return W.ns_dtype(m.dtype, m.device, self.config.orth_dtype,
+                          bf16_pays=long < GRAM_ASPECT * short and short >= W.BF16_CPU_MIN)
 
     def blocks(self, neuron: Any) -> tuple[int, int]:
         """``(blocks, width)`` of the diagonal blocks ``neuron``'s input is whitened in
@@ -343,8 +350,9 @@ class WhitenedOrth(Direction):
         :data:`SPECTRAL_MIN` (any aspect) or that are at least :data:`GRAM_ASPECT` times longer
         than wide, from the eigendecomposition of the short side's Gram matrix
         (:func:`hf_slnb.whitened.whitened_orth_gram` with ``spectral``: the same map, about half
-        the cost or less). Otherwise, and on accelerators, by Newton-Schulz on ``M C^{-1/2}``
-        itself. The Gram form is not iterated: where ``M C^{-1/2}`` has a null direction (a
+        the cost or less), unless it runs in bfloat16 (:meth:`orth_dtype`). Otherwise, and on
+        accelerators, by Newton-Schulz on ``M C^{-1/2}`` itself. The Gram form is not iterated:
+        where ``M C^{-1/2}`` has a null direction (a
         layer fed by a LayerNorm, whose outputs lie in a hyperplane), its iterated polynomial
         grows about 500-fold there and float32 rounding leaks from it into the update (7% on a
         (300, 8) layer, against 1e-4 for the eigendecomposition and 2e-5 iterating on

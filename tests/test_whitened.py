@@ -482,6 +482,9 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
 
     assert W.ns_dtype(torch.float32, "cpu", "auto") == torch.float32
     assert W.ns_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    native = torch.bfloat16 if W.native_bf16_cpu() else torch.float32
+    assert W.ns_dtype(torch.float32, "cpu", "auto", bf16_pays=True) == native
+    assert W.ns_dtype(torch.float32, "cpu", "float32", bf16_pays=True) == torch.float32
     assert W.ns_dtype(torch.float32, "cuda", "auto") == torch.bfloat16
     assert W.ns_dtype(torch.float32, "cpu", "bfloat16") == torch.bfloat16
     assert W.ns_dtype(torch.float64, "cuda", "bfloat16") == torch.float64
@@ -518,6 +521,49 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
     # (24, 16) takes the Gram form in float32: about 5e-4 here, against bfloat16's 2e-2.
     assert errors["auto"] == errors["float32"] < 2e-3, errors
     assert 5 * errors["float32"] < errors["bfloat16"] < 0.2, errors
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_near_square_layers(
+        monkeypatch, native: bool) -> None:
+    """'auto' on the CPU: bfloat16 for the layers Newton-Schulz iterates whose short side is at
+    least ``BF16_CPU_MIN`` (128) where the CPU multiplies bfloat16 natively (stubbed both
+    ways here), float32 for smaller or elongated layers (the Gram form) and on a CPU without
+    it; a step then equals the one 'bfloat16' or 'float32' names, bit for bit."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from hf_slnb import SLNB
+    from hf_slnb.directions import WhitenedOrth
+
+    assert W.BF16_CPU_MIN == 128
+    monkeypatch.setattr(W, "native_bf16_cpu", lambda: native)
+    choose = WhitenedOrth(SimpleNamespace(orth_dtype="auto")).orth_dtype
+
+    def pick(*shape: int, dtype: torch.dtype = torch.float32) -> torch.dtype:
+        return choose(torch.zeros(shape, dtype=dtype))  # whatever the default dtype
+
+    bf16 = torch.bfloat16 if native else torch.float32
+    f32 = torch.float32
+    assert pick(3, 128, 128) == bf16  # near-square, short side 128
+    assert pick(3, 128, 191) == bf16  # aspect < 1.5
+    assert pick(3, 384, 384) == bf16
+    assert pick(3, 127, 127) == f32  # below BF16_CPU_MIN
+    assert pick(3, 128, 192) == f32  # elongated: the Gram form, float32
+    assert pick(3, 1536, 384) == f32
+    assert pick(3, 128, 128, dtype=torch.float64) == torch.float64
+
+    def run(choice: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        lin = nn.Linear(128, 128, dtype=torch.float32)
+        opt = SLNB(lin.parameters(), model=lin, preset="whitened", orth_dtype=choice)
+        x = torch.randn(64, 128, dtype=torch.float32)
+        lin(x).pow(2).mean().backward()
+        opt.step()
+        return lin.weight.detach()
+
+    assert torch.equal(run("auto"), run("bfloat16" if native else "float32"))
 
 
 def _stack_with_roots(shape: tuple[int, int, int], seed: int):
