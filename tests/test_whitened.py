@@ -524,12 +524,12 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_near_square_layers(
+def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_layers_of_at_least_128(
         monkeypatch, native: bool) -> None:
-    """'auto' on the CPU: bfloat16 for the layers Newton-Schulz iterates whose short side is at
-    least ``BF16_CPU_MIN`` (128) where the CPU multiplies bfloat16 natively (stubbed both
-    ways here), float32 for smaller or elongated layers (the Gram form) and on a CPU without
-    it; a step then equals the one 'bfloat16' or 'float32' names, bit for bit."""
+    """'auto' on the CPU: bfloat16 for the layers whose short side is at least ``BF16_CPU_MIN``
+    (128), of any aspect, where the CPU multiplies bfloat16 natively (stubbed both ways here),
+    float32 for smaller layers and on a CPU without it; a step then equals the one 'bfloat16'
+    or 'float32' names, bit for bit, for a square and an elongated layer."""
     from types import SimpleNamespace
 
     from torch import nn
@@ -550,20 +550,22 @@ def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_near_square_lay
     assert pick(3, 128, 191) == bf16  # aspect < 1.5
     assert pick(3, 384, 384) == bf16
     assert pick(3, 127, 127) == f32  # below BF16_CPU_MIN
-    assert pick(3, 128, 192) == f32  # elongated: the Gram form, float32
-    assert pick(3, 1536, 384) == f32
+    assert pick(3, 128, 192) == bf16  # elongated too (round 12)
+    assert pick(3, 1536, 384) == bf16
+    assert pick(3, 127, 512) == f32  # short side below BF16_CPU_MIN
     assert pick(3, 128, 128, dtype=torch.float64) == torch.float64
 
-    def run(choice: str) -> torch.Tensor:
+    def run(choice: str, out: int) -> torch.Tensor:
         torch.manual_seed(0)
-        lin = nn.Linear(128, 128, dtype=torch.float32)
+        lin = nn.Linear(128, out, dtype=torch.float32)
         opt = SLNB(lin.parameters(), model=lin, preset="whitened", orth_dtype=choice)
         x = torch.randn(64, 128, dtype=torch.float32)
         lin(x).pow(2).mean().backward()
         opt.step()
         return lin.weight.detach()
 
-    assert torch.equal(run("auto"), run("bfloat16" if native else "float32"))
+    for out in (128, 344):
+        assert torch.equal(run("auto", out), run("bfloat16" if native else "float32", out))
 
 
 def _stack_with_roots(shape: tuple[int, int, int], seed: int):
