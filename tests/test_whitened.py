@@ -162,22 +162,28 @@ def test_diag_whitened_orth_direction_class_equals_its_definition(bias: bool) ->
 
 def test_layers_reading_one_input_share_its_product_and_each_get_their_covariance(
         monkeypatch) -> None:
-    """q/k/v-style layers read one tensor: one ``x^T x`` (``SharedGram``) and one column-sum
-    reduction (``SharedSums``) serve them, and every layer's input covariance and feature
-    statistics still equal the dense ones of its own input."""
+    """q/k/v-style layers read one tensor: one ``x^T x`` and column sum (``SharedGram``, round
+    12's :func:`sampled_moments`) serves them, and every layer's input covariance and feature
+    statistics still equal the dense ones of its own input. (Layers that are not whitened take
+    the column sums of ``SharedSums`` instead.)"""
     from torch import nn
 
     from hf_slnb import SLNB
-    from hf_slnb.layers import base
+    from hf_slnb.layers import base, linear
 
     reductions = []
-    real = base.column_sums
+    real, real_moments = base.column_sums, linear.sampled_moments
 
     def counted(x, dtype):  # type: ignore[no-untyped-def]
-        reductions.append(tuple(x.shape))
+        reductions.append(("sums", tuple(x.shape)))
         return real(x, dtype)
 
+    def counted_moments(x, *args):  # type: ignore[no-untyped-def]
+        reductions.append(("moments", tuple(x.shape)))
+        return real_moments(x, *args)
+
     monkeypatch.setattr(base, "column_sums", counted)
+    monkeypatch.setattr(linear, "sampled_moments", counted_moments)
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -208,7 +214,9 @@ def test_layers_reading_one_input_share_its_product_and_each_get_their_covarianc
         torch.testing.assert_close(opt.state[layer.weight]["mu"], (1 - 0.9) * inp.mean(0))
         torch.testing.assert_close(opt.state[layer.weight]["nu"],
                                    (1 - 0.999) * inp.pow(2).mean(0))
-    assert len(reductions) == 3, reductions  # x (q and k), h (o), the head's input: 4 layers
+    # The head's input, h (o), x (q and k): 4 layers, all whitened (no repeated blocks here)
+    assert reductions == [("moments", (40, 3)), ("moments", (40, 5)), ("moments", (40, 5))], \
+        reductions
 
 
 class _Block(torch.nn.Module):
@@ -326,8 +334,9 @@ def test_orth_layers_is_checked_and_recorded() -> None:
 def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() -> None:
     """``cov_rows=10`` on 2 sequences of 20 positions: the covariance is that of every 7th row
     about its own mean (the smallest stride >= 4 coprime to 20, so the kept rows are six
-    different positions of a sequence, not positions 0, 4, 8, ... of each), dense float64;
-    layers that share the input still share the subsampled product."""
+    different positions of a sequence, not positions 0, 4, 8, ... of each), dense float64, and
+    so are the feature statistics; layers that share the input still share the subsampled
+    product."""
     from torch import nn
 
     from hf_slnb import SLNB
@@ -344,6 +353,12 @@ def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() ->
     for layer in (net["q"], net["k"]):
         torch.testing.assert_close(opt.state[layer.weight]["input_cov"], (1 - 0.95) * cov,
                                    rtol=1e-10, atol=1e-12)
+        # Round 12: the feature statistics come from the same rows (their mean and mean
+        # square; the squares from x xᵀ's diagonal), not from all 40.
+        torch.testing.assert_close(opt.state[layer.weight]["mu"], (1 - 0.9) * sub.mean(0),
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(opt.state[layer.weight]["nu"],
+                                   (1 - 0.999) * sub.pow(2).mean(0), rtol=1e-10, atol=1e-12)
     # Inputs with a large mean (GPT-2's residual stream): still positive semi-definite.
     lin = nn.Linear(5, 5).double()
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", cov_rows=10)

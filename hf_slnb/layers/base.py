@@ -188,6 +188,32 @@ def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
     return prod
 
 
+def sampled_moments(x: Tensor, d: int, rows: int, dtype: torch.dtype,
+                    blocks: int = 1) -> tuple[Tensor, Tensor]:
+    """``(x^T x, Σ x)`` of one input from the rows :func:`input_gram` keeps (``rows``; all of
+    them when it keeps all): ``n (S + m mᵀ)`` and ``n m``, ``S`` and ``m`` the kept rows'
+    covariance and mean. The centred covariance these two give, ``x^T x / n - (Σ x / n)(Σ x /
+    n)ᵀ = S``, is :func:`input_gram`'s with the exact ``Σ x`` (the kept rows' ``S`` either way),
+    but nothing reads the rows it skips. For a layer whose statistics all come from its
+    ``x xᵀ`` (:attr:`Neuron.sums_from_gram`) the capture then reads a ``1/k`` stride of a large
+    input instead of all of it twice more for its column sums and their squares (the 0.9M
+    Llama's captures: 8.3 ms per step instead of 14.6, one thread)."""
+    flat = x.reshape(-1, d).to(dtype)
+    n = int(flat.shape[0])
+    if not 0 < rows < n:
+        return input_gram(x, d, 0, dtype, None, blocks), flat.sum(0)
+    kept = flat[:: row_stride(n, rows, int(x.shape[-2]) if x.dim() > 2 else 1)]
+    mean = kept.mean(0)
+    kept = kept - mean  # centred before the product: float32 keeps the covariance's digits
+    b = -(-d // blocks)
+    prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=x.device)
+    for k, lo in enumerate(range(0, d, b)):
+        tile = prod if blocks == 1 else prod[k, : min(b, d - lo), : min(b, d - lo)]
+        add_gram_upper(tile, kept[:, lo : lo + b])
+        tile.addr_(mean[lo : lo + b], mean[lo : lo + b], beta=n / kept.shape[0], alpha=n)
+    return prod, mean.mul_(n)
+
+
 #: One per thread (a backward pass runs its hooks on one thread per device).
 SHARED_GRAM = SharedGram()
 #: The column sums' counterpart (one per thread as well).
@@ -305,6 +331,13 @@ class Bank:
             n.bank_gram = row[0] if blocks == 1 else row
             n.gram_blocks = blocks
 
+    def squares_from_grams(self) -> None:
+        """``sum_x2`` from the diagonal of this step's ``x^T x`` sums, for layers whose captures
+        keep no squares (:attr:`Neuron.sums_from_gram`): one copy for the bank."""
+        assert self.grams is not None
+        diag = self.grams.diagonal(dim1=-2, dim2=-1).flatten(1)  # (L, blocks * b), padded
+        self.sum_x2.copy_(diag[:, : self.sum_x2.shape[1]])
+
     def all_captured(self) -> bool:
         """Whether every layer of the bank saw input this step (a host fact)."""
         return all(n.captured for n in self.neurons)
@@ -353,6 +386,10 @@ class Neuron:
     one_hot = False  # an embedding: its squared features are the features (no sum_x2 kept)
     gram_rows = 0  # positions per input that enter x^T x (0: all; cov_rows for whitened_orth)
     gram_blocks = 1  # diagonal blocks of x^T x kept (max_block for whitened_orth: input_gram)
+    #: Whether its captures take the column sums from the rows its ``x xᵀ`` keeps, and their
+    #: squares from that ``x xᵀ``'s diagonal at the step (:func:`sampled_moments`): the layers
+    #: ``whitened_orth`` takes, whose direction reads only the centred ``x xᵀ``.
+    sums_from_gram = False
     needs_moments = False  # whether its capture keeps x^T x (set by the optimizer's binding)
     supports_explicit = True
     supports_matrix_free = True
@@ -442,9 +479,11 @@ class Neuron:
         the ``x^T x`` of the input, summed in that backward; counts are device tensors."""
         bank = self.bank
         assert bank is not None
-        total, second, squared = self.reduce_input(x)
+        moments = self.sums_from_gram and self.bank_gram is not None
+        # sums_from_gram: every sum comes from the kept rows, in the backward (sampled_moments)
+        total, second, squared = (None, None, False) if moments else self.reduce_input(x)
         n_in, n_out = self.positions(x, output)
-        pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=total.device)
+        pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=x.device)
         self.compiled_seen = True
         bank.compiled = True
         gram = None
@@ -558,7 +597,7 @@ class _CompiledCapture(torch.autograd.Function):
     backward."""
 
     @staticmethod
-    def forward(ctx: Any, out: Tensor, total: Tensor, second: Tensor | None, squared: bool,
+    def forward(ctx: Any, out: Tensor, total: Tensor | None, second: Tensor | None, squared: bool,
                 pair: Tensor, sums: tuple[Tensor, Tensor], counts: Tensor,
                 gram: tuple[Tensor, Tensor, int, int] | None = None) -> Tensor:
         ctx.parts = (total, second, squared, pair, sums, counts, gram)
@@ -568,6 +607,13 @@ class _CompiledCapture(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         total, second, squared, pair, sums, counts, gram = ctx.parts
         with torch.no_grad():
+            if total is None:  # Neuron.sums_from_gram: as the eager capture adds them
+                x, target, rows, blocks = gram
+                prod, total = sampled_moments(x, x.shape[-1], rows, target.dtype, blocks)
+                target.add_(prod)
+                sums[0].add_(total)
+                counts.add_(pair)
+                return grad, None, None, None, None, None, None, None
             sums[0].add_(total)
             if second is not None and squared:
                 sums[1].add_(square_sums(second, tuple(range(second.dim() - 1)), sums[1].dtype))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import Vec, precondition_stacked
-from .base import SHARED_GRAM, SHARED_SUMS, Neuron, register_layer, symmetrized
+from .base import SHARED_GRAM, SHARED_SUMS, Neuron, register_layer, sampled_moments, symmetrized
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -35,6 +35,15 @@ class LinearNeuron(Neuron):
         rows = x.numel() // max(d, 1)
         cap = self.capture or self.open_capture(
             self.choose_explicit(rows, diagonal_only, distributed))
+        if self.sums_from_gram and cap.gram is not None and not diagonal_only:
+            gram, total = SHARED_GRAM.of(x, (cap.gram.dtype, self.gram_rows, self.gram_blocks, 1),
+                                         lambda: sampled_moments(x, d, self.gram_rows,
+                                                                 cap.gram.dtype, self.gram_blocks))
+            cap.gram.add_(gram)  # and Σ x², its diagonal, at the step: Bank.squares_from_grams
+            cap.sum_x.add_(total)
+            cap.count += rows
+            cap.n_out += rows
+            return
         total = SHARED_SUMS.add_to(cap.sum_x, cap.sum_x2, x)  # shared by layers reading x
         cap.count += rows
         cap.n_out += rows
