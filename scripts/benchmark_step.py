@@ -153,9 +153,29 @@ def time_models(name: str, steps: int, batch: int, seq: int, slnb_args: dict) ->
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def package_at(checkout: str) -> Any:
+    """The ``hf_slnb`` package of another checkout (``CHECKOUT/hf_slnb``), imported under a
+    name of its own, so that one process can time two versions side by side."""
+    import hashlib
+    import importlib.util
+
+    root = os.path.join(os.path.abspath(checkout), "hf_slnb")
+    if not os.path.isfile(os.path.join(root, "__init__.py")):
+        raise ValueError(f"slnb@{checkout!r}: no hf_slnb package at {root!r}.")
+    name = "hf_slnb_" + hashlib.sha1(root.encode()).hexdigest()[:8]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
-    """``adamw``, ``torch_muon`` (Muon on the blocks' 2-D weights, AdamW on the rest) or
-    ``slnb:KEY=VALUE,...``."""
+    """``adamw``, ``torch_muon`` (Muon on the blocks' 2-D weights, AdamW on the rest),
+    ``slnb:KEY=VALUE,...`` or ``slnb@CHECKOUT:KEY=VALUE,...`` (the ``hf_slnb`` of another
+    checkout, say an older commit's ``git worktree``: :func:`package_at`)."""
     if spec == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     if spec == "torch_muon":
@@ -166,8 +186,11 @@ def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
         return benchmark.torch_muon_optimizer(model, 1e-3, 0.01, prefix)
     if spec == "slnb" or spec.startswith("slnb:"):
         return make_optimizer("slnb", model, parse_kv(spec.partition(":")[2]))
-    raise ValueError(f"Invalid --side-by-side entry {spec!r}: 'adamw', 'torch_muon' or "
-                     "'slnb[:KEY=VALUE,...]'.")
+    if spec.startswith("slnb@"):
+        checkout, _, options = spec[len("slnb@"):].partition(":")
+        return package_at(checkout).SLNB(model.parameters(), model=model, **parse_kv(options))
+    raise ValueError(f"Invalid --side-by-side entry {spec!r}: 'adamw', 'torch_muon', "
+                     "'slnb[:KEY=VALUE,...]' or 'slnb@CHECKOUT[:KEY=VALUE,...]'.")
 
 
 def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq: int) -> None:
@@ -660,7 +683,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="with --count-ops: write the counts as JSON")
     parser.add_argument("--side-by-side", default=None, metavar="SPEC;SPEC;...",
                         help="time these optimizers interleaved (the first is the baseline): "
-                        "'adamw', 'torch_muon', 'slnb[:KEY=VALUE,...]', separated by ';'")
+                        "'adamw', 'torch_muon', 'slnb[:KEY=VALUE,...]', 'slnb@CHECKOUT[:KEY=VALUE,...]' "
+                        "(another checkout's hf_slnb, e.g. an older commit's git worktree), "
+                        "separated by ';'")
     parser.add_argument("--held-memory", default=None, metavar="SPEC;SPEC;...",
                         help="print the memory each optimizer holds after two steps (its state "
                         "and buffers), specs as for --side-by-side")

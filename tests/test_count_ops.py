@@ -146,3 +146,25 @@ def test_bad_count_arguments_are_refused_before_counting(argv: list[str], messag
     monkeypatch.setattr(bench, "count_step", lambda *a, **k: pytest.fail("counted anyway"))
     with pytest.raises(ValueError, match=message):
         bench.main()
+
+
+def test_a_spec_can_time_another_checkouts_package(tmp_path: Path) -> None:
+    """``slnb@CHECKOUT:...`` builds that checkout's SLNB, imported under a name of its own (so
+    two versions run side by side in one process); a path without a package is refused by
+    name."""
+    import shutil
+
+    root = Path(bench.__file__).resolve().parents[1]
+    shutil.copytree(root / "hf_slnb", tmp_path / "hf_slnb")
+    model = bench.build("gpt2-tiny", 16)
+    opt = bench.make_spec_optimizer(f"slnb@{tmp_path}:preset=whitened,lr=0.01", model)
+    assert type(opt).__module__.startswith("hf_slnb_") and type(opt).__name__ == "SLNB"
+    assert opt.config.preset == "whitened" and opt.param_groups[0]["lr"] == 0.01
+    import hf_slnb
+
+    assert hf_slnb.SLNB is not type(opt)
+    data = torch.randint(0, 64, (2, 16))
+    model(input_ids=data, labels=data).loss.backward()
+    opt.step()
+    with pytest.raises(ValueError, match="no hf_slnb package at"):
+        bench.make_spec_optimizer(f"slnb@{tmp_path / 'nowhere'}", model)
