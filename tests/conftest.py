@@ -1,6 +1,8 @@
 """Shared test settings: offline Hugging Face, float64 maths, deterministic threads."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,9 +19,17 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run_launch(run, attempts: int = 2):
-    """Call ``run()`` (a subprocess launch) again when it failed only by the teardown abort."""
+    """Call ``run()`` (a subprocess launch) again when it failed only by the teardown abort, or
+    when it ran past its timeout: one two-process launch of the default preset hung in CI
+    (2026-12-03, 400 s, the test alone then passed; its cause was not found, and a gloo
+    teardown that never returns is the likeliest). A launch that fails otherwise, or twice,
+    fails the test."""
     for _ in range(attempts - 1):
-        proc = run()
+        try:
+            proc = run()
+        except subprocess.TimeoutExpired as hung:
+            print(f"launch timed out after {hung.timeout} s; running it again", file=sys.stderr)
+            continue
         if proc.returncode == 0 or TEARDOWN_ABORT not in (proc.stdout or "") + (proc.stderr or ""):
             return proc
     return run()
