@@ -165,8 +165,8 @@ class WhitenedOrth(Direction):
     to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
     so ``lr`` is AdamW's for every parameter). The orthogonalisation runs in ``orth_dtype``: by
     default bfloat16 on accelerators, as Muon, and on the CPU bfloat16 for layers whose short
-    side is at least 128 where it has native bfloat16 instructions, float32 otherwise
-    (:meth:`orth_dtype`; float64 parameters stay float64). Applies to the
+    side is at least 128 where it has native bfloat16 instructions (elongated ones: AMX),
+    float32 otherwise (:meth:`orth_dtype`; float64 parameters stay float64). Applies to the
     ``nn.Linear`` and HF ``Conv1D`` layers that ``orth_layers`` picks (by default those inside
     the repeated blocks: a classifier or pooler beside them is left out, as Muon's authors leave
     out everything but the hidden matrices); embeddings, heads and convolutions keep ``g`` (the
@@ -206,11 +206,14 @@ class WhitenedOrth(Direction):
     def orth_dtype(self, m: Tensor) -> torch.dtype:
         """The Newton-Schulz dtype for the stack ``m`` (``orth_dtype``; 'auto' on a CPU with
         native bfloat16: bfloat16 for the layers whose short side is at least
-        :data:`hf_slnb.whitened.BF16_CPU_MIN`, of any aspect, which Newton-Schulz iterates there
-        at about twice float32's speed and 1.4-1.9x faster than float32's eigendecomposition of
-        their Gram matrix, the CPU's float32 form for elongated layers; round 12)."""
+        :data:`hf_slnb.whitened.BF16_CPU_MIN`, which Newton-Schulz iterates there at about
+        twice float32's speed; elongated ones only on an AMX CPU (round 12), where that also
+        beats float32's eigendecomposition of their Gram matrix, the CPU's float32 form for
+        them, and float32 elsewhere)."""
+        short, long = sorted(m.shape[-2:])
         return W.ns_dtype(m.dtype, m.device, self.config.orth_dtype,
-                          bf16_pays=min(m.shape[-2:]) >= W.BF16_CPU_MIN)
+                          bf16_pays=short >= W.BF16_CPU_MIN
+                          and (long < GRAM_ASPECT * short or W.amx_cpu()))
 
     def blocks(self, neuron: Any) -> tuple[int, int]:
         """``(blocks, width)`` of the diagonal blocks ``neuron``'s input is whitened in

@@ -115,11 +115,13 @@ def inverse_sqrt_newton_schulz(c: torch.Tensor, iters: int = 30) -> torch.Tensor
 
 
 #: On a CPU that multiplies bfloat16 natively, ``orth_dtype='auto'`` iterates Newton-Schulz in
-#: bfloat16 on matrices whose short side is at least this, of any aspect: there a batched
-#: product runs about twice as fast as in float32 (whitened Newton-Schulz of 16 (128, 128)
-#: layers 9.5 ms against 23, of 8 (64, 64) ones 1.0 against 1.2; below that the casts cost what
-#: it saves), and on elongated ones it beats float32's eigendecomposition of the Gram matrix
-#: too (8 (1024, 256) layers: 18 ms against 33; 8 (344, 128): 3.9 against 6.8; two threads).
+#: bfloat16 on matrices whose short side is at least this: there a batched product runs about
+#: twice as fast as in float32 (whitened Newton-Schulz of 16 (128, 128) layers 9.5 ms against
+#: 23, of 8 (64, 64) ones 1.0 against 1.2; below that the casts cost what it saves). On an AMX
+#: CPU on elongated matrices too, where it beats float32's eigendecomposition of the Gram
+#: matrix (a Xeon, two threads: 8 (1024, 256) layers 18 ms against 33, 8 (344, 128) 3.9
+#: against 6.8); with AVX512-BF16 alone it did not (an EPYC, one thread: 6 (384, 1536) 249
+#: ms against 170).
 BF16_CPU_MIN = 128
 
 
@@ -130,8 +132,20 @@ def native_bf16_cpu() -> bool:
     batched product 15 ms against 36) rather than 10-60x slower (an AVX2 EPYC: a
     (16, 128, 128) product 33 ms against 1.3). Asked of torch once (its private probes;
     ``False`` where a torch lacks them)."""
-    probes = [getattr(torch.cpu, name, None) for name in
-              ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return _cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+@functools.cache
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles (Sapphire Rapids and later Xeons), whose bfloat16
+    products outrun float32 even where an eigendecomposition competes (:data:`BF16_CPU_MIN`)."""
+    return _cpu_has("_is_amx_tile_supported")
+
+
+def _cpu_has(*names: str) -> bool:
+    """Whether any of torch's private CPU probes ``names`` says yes (``False`` where a torch
+    lacks them or one fails)."""
+    probes = [getattr(torch.cpu, name, None) for name in names]
     try:
         return any(bool(probe()) for probe in probes if probe is not None)
     except (RuntimeError, AttributeError, TypeError):  # a failing probe: not known native

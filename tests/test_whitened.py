@@ -538,13 +538,14 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
     assert 5 * errors["float32"] < errors["bfloat16"] < 0.2, errors
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "none"])
 def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_layers_of_at_least_128(
-        monkeypatch, native: bool) -> None:
+        monkeypatch, cpu: str) -> None:
     """'auto' on the CPU: bfloat16 for the layers whose short side is at least ``BF16_CPU_MIN``
-    (128), of any aspect, where the CPU multiplies bfloat16 natively (stubbed both ways here),
-    float32 for smaller layers and on a CPU without it; a step then equals the one 'bfloat16'
-    or 'float32' names, bit for bit, for a square and an elongated layer."""
+    (128) where the CPU multiplies bfloat16 natively (the probes stubbed three ways here),
+    the elongated ones (1.5x longer than wide) only with AMX; float32 for smaller layers and on
+    a CPU without it; a step then equals the one 'bfloat16' or 'float32' names, bit for bit,
+    for a square and an elongated layer."""
     from types import SimpleNamespace
 
     from torch import nn
@@ -553,7 +554,9 @@ def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_layers_of_at_le
     from hf_slnb.directions import WhitenedOrth
 
     assert W.BF16_CPU_MIN == 128
+    native, amx = cpu != "none", cpu == "amx"
     monkeypatch.setattr(W, "native_bf16_cpu", lambda: native)
+    monkeypatch.setattr(W, "amx_cpu", lambda: amx)
     choose = WhitenedOrth(SimpleNamespace(orth_dtype="auto")).orth_dtype
 
     def pick(*shape: int, dtype: torch.dtype = torch.float32) -> torch.dtype:
@@ -565,8 +568,9 @@ def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_layers_of_at_le
     assert pick(3, 128, 191) == bf16  # aspect < 1.5
     assert pick(3, 384, 384) == bf16
     assert pick(3, 127, 127) == f32  # below BF16_CPU_MIN
-    assert pick(3, 128, 192) == bf16  # elongated too (round 12)
-    assert pick(3, 1536, 384) == bf16
+    long_bf16 = torch.bfloat16 if amx else torch.float32
+    assert pick(3, 128, 192) == long_bf16  # elongated: AMX only (round 12)
+    assert pick(3, 1536, 384) == long_bf16
     assert pick(3, 127, 512) == f32  # short side below BF16_CPU_MIN
     assert pick(3, 128, 128, dtype=torch.float64) == torch.float64
 
@@ -579,8 +583,8 @@ def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_layers_of_at_le
         opt.step()
         return lin.weight.detach()
 
-    for out in (128, 344):
-        assert torch.equal(run("auto", out), run("bfloat16" if native else "float32", out))
+    for out, want in ((128, bf16), (344, long_bf16)):
+        assert torch.equal(run("auto", out), run(str(want).removeprefix("torch."), out))
 
 
 def _stack_with_roots(shape: tuple[int, int, int], seed: int):
