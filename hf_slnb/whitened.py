@@ -206,9 +206,15 @@ def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
 
     The rescaling makes ``lr`` mean what it means for Muon whatever the scale of the inputs;
     with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
+    With a ``dtype`` (bfloat16), the two whitening products run in it as well as the
+    orthogonalisation (round 12: in float32 they took a third of the 10.5M GPT-2's CPU step);
+    the result has ``m``'s dtype.
     """
-    o = orthogonalize_ns5(times_blocks(m, c_inv_sqrt), steps, dtype=dtype)
-    u = _sized_like(times_blocks(o, c_inv_sqrt), o)
+    out = m.dtype
+    if dtype is not None:
+        m, c_inv_sqrt = m.to(dtype), c_inv_sqrt.to(dtype)
+    o = orthogonalize_ns5(times_blocks(m, c_inv_sqrt), steps)
+    u = _sized_like(times_blocks(o, c_inv_sqrt).to(out), o.to(out))
     return row_normalize(u) if per_row else u
 
 

@@ -538,6 +538,45 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
     assert 5 * errors["float32"] < errors["bfloat16"] < 0.2, errors
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_whitened_orth_in_bfloat16_runs_its_whitening_products_in_it(blocks: int) -> None:
+    """``dtype=bfloat16`` (round 12): ``M C^{-1/2}``, Newton-Schulz and ``O C^{-1/2}`` all
+    multiply bfloat16 operands, and the float32 result stays within bfloat16's error of the
+    float64 definition (the same map in float64, :func:`orthogonalize_ns5` with a dense
+    ``C^{-1/2}``: blocks embedded in a block-diagonal matrix)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    m = torch.randn(3, 40, 24, dtype=D)
+    b = 24 // blocks
+    roots = torch.stack([torch.stack([W.inverse_root_eigh(W.damp(_spd(b, 3 * i + k), 0.1))[0]
+                                      for k in range(blocks)]) for i in range(3)])
+    dense = torch.stack([torch.block_diag(*r) for r in roots])
+    x = m @ dense
+    o = W.orthogonalize_ns5(x)
+    want = o @ dense
+    want = want * (torch.linalg.matrix_norm(o, keepdim=True)
+                   / torch.linalg.matrix_norm(want, keepdim=True))
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "mm" in str(func):  # bmm, baddbmm, mm, matmul's kernels
+                self.seen |= {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            return func(*args, **(kwargs or {}))
+
+    r = roots if blocks > 1 else roots[:, 0]
+    with Dtypes() as d:
+        got = W.whitened_orth(m.float(), r.float(), dtype=torch.bfloat16)
+    assert d.seen == {torch.bfloat16}, d.seen
+    assert got.dtype == torch.float32
+    err = float((got.double() - want).norm() / want.norm())
+    assert err < 0.05, err
+
+
 @pytest.mark.parametrize("cpu", ["amx", "avx512_bf16", "none"])
 def test_orth_dtype_auto_takes_bfloat16_on_a_cpu_that_has_it_for_layers_of_at_least_128(
         monkeypatch, cpu: str) -> None:
