@@ -219,9 +219,10 @@ OPTIONS: tuple[Option, ...] = (
            why_not="only direction='whitened_orth' keeps an inverse root"),
     Option("cov_rows", int, "at most this many input positions (tokens) per forward, evenly "
            "strided (a stride coprime to the sequence length, so every position of a sequence "
-           "is sampled alike), enter the x x^T of a layer with direction='whitened_orth' "
-           "(rescaled to every position); 0 takes all. The covariance is an average over steps, so a few "
-           "hundred positions per step estimate it and cut its cost, d^2 per position. "
+           "is sampled alike), enter the x x^T and the feature sums of a layer with "
+           "direction='whitened_orth' (rescaled to every position; the other positions are not "
+           "read); 0 takes all. The covariance is an average over steps, so a few hundred "
+           "positions per step estimate it and cut its cost, d^2 per position. "
            "Integer >= 0.", _count, acts=_whitening,
            why_not="only direction='whitened_orth' keeps x x^T for the whitening"),
     Option("max_block", int, "inputs wider than this are whitened in diagonal blocks of at "
