@@ -207,7 +207,7 @@ def whitened_orth(m: torch.Tensor, c_inv_sqrt: torch.Tensor, steps: int = 5,
     The rescaling makes ``lr`` mean what it means for Muon whatever the scale of the inputs;
     with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
     With a ``dtype`` (bfloat16), the two whitening products run in it as well as the
-    orthogonalisation (round 12: in float32 they took a third of the 10.5M GPT-2's CPU step);
+    orthogonalisation (round 12: in float32 they took a fifth of the 10.5M GPT-2's CPU step);
     the result has ``m``'s dtype.
     """
     out = m.dtype
