@@ -152,8 +152,7 @@ class ModelBinding:
             self.banks.append(bank)
         for n in self.neurons:
             n.needs_moments = self.direction.needs_moments(n)
-            n.sums_from_gram = n.needs_moments and self.config.direction == "whitened_orth"
-            if n.sums_from_gram:
+            if n.needs_moments and self.config.direction == "whitened_orth":
                 n.backend = "explicit"  # the whitening needs every step's sum x x^T
                 n.gram_rows = self.config.cov_rows
         for bank in self.banks:  # the whitening reads each step's x xᵀ as a stack

@@ -196,8 +196,8 @@ OPTIONS: tuple[Option, ...] = (
            "side is at least 128 where it has native bfloat16 instructions, AVX512-BF16 or "
            "AMX, which run those products about twice as fast as float32 (elongated layers: "
            "AMX only), and float32 elsewhere: without them bfloat16 matmuls are 10-60x "
-           "slower), 'bfloat16' or "
-           "'float32'. float64 parameters always run in float64.", _choice(ORTH_DTYPES),
+           "slower), 'bfloat16' or 'float32'. float64 parameters always run in float64.",
+           _choice(ORTH_DTYPES),
            ORTH_DTYPES, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "orthogonalises"),

@@ -136,7 +136,7 @@ class StepContext:
             count, n_out = self.counts[id(bank)]
             if bank.neurons[0].one_hot:  # one-hot inputs: the squares are the counts
                 bank.sum_x2.copy_(bank.sum_x)
-            elif bank.neurons[0].sums_from_gram and bank.grams is not None:
+            elif bank.grams is not None:
                 bank.squares_from_grams()  # the diagonal of the x xᵀ it keeps
             mu, nu, inv, active = feature_statistics_(
                 bank.stats, bank.stat_step, bank.sums, count, self.live.to(bank.device),

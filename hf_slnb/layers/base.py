@@ -136,13 +136,10 @@ class _LastInput(threading.local):
 class SharedGram(_LastInput):
     """The last input's ``x^T x`` (upper blocks): one product per input (:class:`_LastInput`)."""
 
-    def add_to(self, gram: Tensor, x: Tensor, d: int, rows: int = 0,
-               total: Tensor | None = None, blocks: int = 1) -> None:
-        """``gram += x^T x`` (upper blocks; with ``rows``, estimated; with ``blocks``, its
-        diagonal blocks: :func:`input_gram`), reusing the product of the same input. ``total``,
-        the sum of all rows if the caller has it, saves recomputing their mean."""
-        gram.add_(self.of(x, (gram.dtype, rows, blocks),
-                          lambda: input_gram(x, d, rows, gram.dtype, total, blocks)))
+    def add_to(self, gram: Tensor, x: Tensor, d: int) -> None:
+        """``gram += x^T x`` (upper blocks: :func:`input_gram`), reusing the product of the same
+        input."""
+        gram.add_(self.of(x, gram.dtype, lambda: input_gram(x, d, gram.dtype)))
 
 
 class SharedSums(_LastInput):
@@ -154,57 +151,39 @@ class SharedSums(_LastInput):
                          self.of(x, sum_x.dtype, lambda: column_sums(x, sum_x.dtype)))
 
 
-def input_gram(x: Tensor, d: int, rows: int, dtype: torch.dtype,
-               total: Tensor | None = None, blocks: int = 1) -> Tensor:
-    """One input's ``x^T x`` ``(d, d)`` in ``dtype`` (upper blocks: :func:`add_gram_upper`),
-    over all its positions, or with ``rows`` > 0 and more positions than that estimated from
-    every ``k``-th one (:func:`row_stride`) as ``n (S + m mᵀ)``: ``S`` the kept rows' covariance
-    about their own mean, ``m`` the mean of all ``n`` (``total / n`` when the caller has the sum
-    ``total``). Rescaling the kept rows' raw ``x^T x`` instead would leave the centred
-    covariance indefinite wherever the inputs have a large mean (GPT-2's: eigenvalues down to
-    -1.8x the mean one), and its inverse root would then blow up.
-
-    With ``blocks`` > 1, only the diagonal blocks ``(blocks, b, b)`` of :func:`block_shape`'s
-    split (the last one's padding zero): what a layer whitened in blocks keeps."""
+def input_gram(x: Tensor, d: int, dtype: torch.dtype, blocks: int = 1) -> Tensor:
+    """One input's ``x^T x`` ``(d, d)`` over all its positions, in ``dtype`` (upper blocks:
+    :func:`add_gram_upper`). With ``blocks`` > 1, only the diagonal blocks ``(blocks, b, b)``
+    of :func:`block_shape`'s split (the last one's padding zero): what a layer whitened in
+    blocks keeps."""
     flat = x.reshape(-1, d).to(dtype)
-    n = int(flat.shape[0])  # a concrete size under torch.compile too (the stride needs one)
     b = -(-d // blocks)
-    spans = [(lo, min(d, lo + b)) for lo in range(0, d, b)]
     prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=x.device)
-    tiles = [prod] if blocks == 1 else [prod[k, : hi - lo, : hi - lo]
-                                         for k, (lo, hi) in enumerate(spans)]
-    if 0 < rows < n:
-        kept = flat[:: row_stride(n, rows, int(x.shape[-2]) if x.dim() > 2 else 1)]
-        kept = kept - kept.mean(0)
-        for tile, (lo, hi) in zip(tiles, spans):
-            add_gram_upper(tile, kept[:, lo:hi])
-        prod.mul_(n / kept.shape[0])
-        mean = flat.mean(0) if total is None else total.to(dtype) / n
-        for tile, (lo, hi) in zip(tiles, spans):
-            tile.addr_(mean[lo:hi], mean[lo:hi], alpha=n)
-    else:
-        for tile, (lo, hi) in zip(tiles, spans):
-            add_gram_upper(tile, flat[:, lo:hi])
+    for k, lo in enumerate(range(0, d, b)):
+        tile = prod if blocks == 1 else prod[k, : min(b, d - lo), : min(b, d - lo)]
+        add_gram_upper(tile, flat[:, lo : lo + b])
     return prod
 
 
 def sampled_moments(x: Tensor, d: int, rows: int, dtype: torch.dtype,
                     blocks: int = 1) -> tuple[Tensor, Tensor]:
-    """``(x^T x, Σ x)`` of one input from the rows :func:`input_gram` keeps (``rows``; all of
-    them when it keeps all): ``n (S + m mᵀ)`` and ``n m``, ``S`` and ``m`` the kept rows'
-    covariance and mean. The centred covariance these two give, ``x^T x / n - (Σ x / n)(Σ x /
-    n)ᵀ = S``, is :func:`input_gram`'s with the exact ``Σ x`` (the kept rows' ``S`` either way),
-    but nothing reads the rows it skips. For a layer whose statistics all come from its
-    ``x xᵀ`` (:attr:`Neuron.sums_from_gram`) the capture then reads a ``1/k`` stride of a large
-    input instead of all of it twice more for its column sums and their squares (the 0.9M
-    Llama's captures: 8.3 ms per step instead of 14.6, one thread)."""
+    """``(x^T x, Σ x)`` of one input (``blocks`` as :func:`input_gram`): over all its
+    positions, or with ``rows`` > 0 and more positions than that estimated from every ``k``-th
+    one (:func:`row_stride`) as ``n (S + m mᵀ)`` and ``n m``, ``S`` and ``m`` the kept rows'
+    covariance about their own mean and that mean. The centred covariance these give, ``x^T x
+    / n - (Σ x / n)(Σ x / n)ᵀ``, is ``S``, and nothing reads the rows it skips: the captures of
+    a bank that keeps its ``x xᵀ`` (:meth:`Bank.keep_grams`) read a ``1/k`` stride of a large
+    input, not all of it twice more for column sums and squares (the 0.9M Llama's captures:
+    8.3 ms per step instead of 14.6, one thread). Rescaling the kept rows' raw ``x^T x``
+    instead of centring them would lose the covariance's digits in float32 wherever the inputs
+    have a large mean (GPT-2's), and its inverse root would then blow up."""
     flat = x.reshape(-1, d).to(dtype)
-    n = int(flat.shape[0])
+    n = int(flat.shape[0])  # a concrete size under torch.compile too (the stride needs one)
     if not 0 < rows < n:
-        return input_gram(x, d, 0, dtype, None, blocks), flat.sum(0)
+        return input_gram(x, d, dtype, blocks), flat.sum(0)
     kept = flat[:: row_stride(n, rows, int(x.shape[-2]) if x.dim() > 2 else 1)]
     mean = kept.mean(0)
-    kept = kept - mean  # centred before the product: float32 keeps the covariance's digits
+    kept = kept - mean
     b = -(-d // blocks)
     prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=x.device)
     for k, lo in enumerate(range(0, d, b)):
@@ -322,7 +301,10 @@ class Bank:
     def keep_grams(self, blocks: int = 1) -> None:
         """Hold the layers' ``x^T x`` sums in one bank tensor ``(L, blocks, b, b)``: captures add
         into its rows (eager ones and those made inside ``torch.compile`` alike; ``(d, d)``
-        rows for one block, else the diagonal blocks) and the step reads them as a stack."""
+        rows for one block, else the diagonal blocks) and the step reads them as a stack. Such
+        a bank's statistics all come from that ``x xᵀ``: its captures take the column sums from
+        the rows it keeps (:func:`sampled_moments`), the step its squares from its diagonal
+        (:meth:`squares_from_grams`)."""
         if self.grams is None or self.grams.shape[1] != blocks:
             L, d = len(self.neurons), self.neurons[0].num_features
             b = -(-d // blocks)
@@ -332,9 +314,8 @@ class Bank:
             n.gram_blocks = blocks
 
     def squares_from_grams(self) -> None:
-        """``sum_x2`` from the diagonal of this step's ``x^T x`` sums, for layers whose captures
-        keep no squares (:attr:`Neuron.sums_from_gram`): one copy for the bank."""
-        assert self.grams is not None
+        """``sum_x2`` from the diagonal of this step's ``x^T x`` sums (:meth:`keep_grams`: its
+        captures add no squares): one copy for the bank."""
         diag = self.grams.diagonal(dim1=-2, dim2=-1).flatten(1)  # (L, blocks * b), padded
         self.sum_x2.copy_(diag[:, : self.sum_x2.shape[1]])
 
@@ -386,10 +367,6 @@ class Neuron:
     one_hot = False  # an embedding: its squared features are the features (no sum_x2 kept)
     gram_rows = 0  # positions per input that enter x^T x (0: all; cov_rows for whitened_orth)
     gram_blocks = 1  # diagonal blocks of x^T x kept (max_block for whitened_orth: input_gram)
-    #: Whether its captures take the column sums from the rows its ``x xᵀ`` keeps, and their
-    #: squares from that ``x xᵀ``'s diagonal at the step (:func:`sampled_moments`): the layers
-    #: ``whitened_orth`` takes, whose direction reads only the centred ``x xᵀ``.
-    sums_from_gram = False
     needs_moments = False  # whether its capture keeps x^T x (set by the optimizer's binding)
     supports_explicit = True
     supports_matrix_free = True
@@ -479,16 +456,16 @@ class Neuron:
         the ``x^T x`` of the input, summed in that backward; counts are device tensors."""
         bank = self.bank
         assert bank is not None
-        moments = self.sums_from_gram and self.bank_gram is not None
-        # sums_from_gram: every sum comes from the kept rows, in the backward (sampled_moments)
-        total, second, squared = (None, None, False) if moments else self.reduce_input(x)
+        total = second = gram = None
+        squared = False
+        if self.bank_gram is not None:  # every sum from the kept rows, in the backward
+            gram = (x.detach(), self.bank_gram, self.gram_rows, self.gram_blocks)
+        else:
+            total, second, squared = self.reduce_input(x)
         n_in, n_out = self.positions(x, output)
         pair = torch.tensor([float(n_in), float(n_out)], dtype=self.dtype, device=x.device)
         self.compiled_seen = True
         bank.compiled = True
-        gram = None
-        if self.bank_gram is not None:  # only banks of layers that need x^T x keep one
-            gram = (x.detach(), self.bank_gram, self.gram_rows, self.gram_blocks)
         return _CompiledCapture.apply(output, total, second, squared, pair, self.rows,
                                       self.count_row, gram)
 
@@ -591,8 +568,8 @@ class Neuron:
 
 class _CompiledCapture(torch.autograd.Function):
     """The layer's output, unchanged (a view); its backward adds the forward's reductions into
-    the layer's bank rows, and the input's ``x^T x`` (:func:`input_gram`, as the eager capture
-    adds it) where the bank keeps those. They travel as ``ctx`` attributes, not saved tensors,
+    the layer's bank rows, or where the bank keeps its ``x^T x`` the input's
+    :func:`sampled_moments`, as the eager capture adds them. They travel as ``ctx`` attributes, not saved tensors,
     so no version check trips when the rows of one stack change between a forward and its
     backward."""
 
@@ -607,22 +584,19 @@ class _CompiledCapture(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         total, second, squared, pair, sums, counts, gram = ctx.parts
         with torch.no_grad():
-            if total is None:  # Neuron.sums_from_gram: as the eager capture adds them
+            if gram is not None:  # Bank.keep_grams: as the eager capture adds them
                 x, target, rows, blocks = gram
                 prod, total = sampled_moments(x, x.shape[-1], rows, target.dtype, blocks)
                 target.add_(prod)
                 sums[0].add_(total)
-                counts.add_(pair)
-                return grad, None, None, None, None, None, None, None
-            sums[0].add_(total)
-            if second is not None and squared:
-                sums[1].add_(square_sums(second, tuple(range(second.dim() - 1)), sums[1].dtype))
-            elif second is not None:
-                sums[1].addcmul_(second, second)
+            else:
+                sums[0].add_(total)
+                if second is not None and squared:
+                    sums[1].add_(square_sums(second, tuple(range(second.dim() - 1)),
+                                             sums[1].dtype))
+                elif second is not None:
+                    sums[1].addcmul_(second, second)
             counts.add_(pair)
-            if gram is not None:
-                x, target, rows, blocks = gram
-                target.add_(input_gram(x, x.shape[-1], rows, target.dtype, total, blocks))
         return grad, None, None, None, None, None, None, None
 
 

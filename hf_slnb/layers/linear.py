@@ -35,8 +35,8 @@ class LinearNeuron(Neuron):
         rows = x.numel() // max(d, 1)
         cap = self.capture or self.open_capture(
             self.choose_explicit(rows, diagonal_only, distributed))
-        if self.sums_from_gram and cap.gram is not None and not diagonal_only:
-            gram, total = SHARED_GRAM.of(x, (cap.gram.dtype, self.gram_rows, self.gram_blocks, 1),
+        if self.bank_gram is not None:  # Bank.keep_grams: every sum from the kept rows
+            gram, total = SHARED_GRAM.of(x, (cap.gram.dtype, self.gram_rows, self.gram_blocks),
                                          lambda: sampled_moments(x, d, self.gram_rows,
                                                                  cap.gram.dtype, self.gram_blocks))
             cap.gram.add_(gram)  # and Σ x², its diagonal, at the step: Bank.squares_from_grams
@@ -44,13 +44,13 @@ class LinearNeuron(Neuron):
             cap.count += rows
             cap.n_out += rows
             return
-        total = SHARED_SUMS.add_to(cap.sum_x, cap.sum_x2, x)  # shared by layers reading x
+        SHARED_SUMS.add_to(cap.sum_x, cap.sum_x2, x)  # shared by layers reading x
         cap.count += rows
         cap.n_out += rows
         if diagonal_only:
             return
         if cap.gram is not None:
-            SHARED_GRAM.add_to(cap.gram, x, d, self.gram_rows, total, self.gram_blocks)
+            SHARED_GRAM.add_to(cap.gram, x, d)
         else:
             self._keep(cap, x, rows)
             self._fold_if_cheaper(cap, distributed)
