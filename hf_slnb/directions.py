@@ -296,14 +296,18 @@ class WhitenedOrth(Direction):
         if owner is not None and distributed.rank(ctx.shard_group) != owner:
             mine = slice(0, 0)
         features = bank.neurons[0].num_features
+        seen = bank.stat_step[..., None] > 0  # (L, 1, 1, 1): a layer whose covariance is still
+        # zero (no step has given it input) keeps its root, the identity: C^{-1/2} of a zero C
+        # would be the eigenvalue floor's, about 1e19 in float32
         for rows in layer_chunks(mine.stop - mine.start, cov.shape[-1], cov.element_size(),
                                  cov.shape[1]):
             rows = slice(mine.start + rows.start, mine.start + rows.stop)
             damped = W.damp_blocks(cov[rows] / bias[rows], self.damping, features)
             if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
-                root[rows] = W.inverse_root_eigh(damped)[0]
+                fresh = W.inverse_root_eigh(damped)[0]
             else:  # matmuls only: eigh's error check would wait for the device
-                root[rows] = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
+                fresh = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
+            torch.where(seen[rows], fresh, root[rows], out=root[rows])
         if split:
             root.copy_(distributed.all_gather_shares(root[mine], len(root), ctx.data_group))
         elif owner is not None:

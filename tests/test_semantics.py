@@ -293,9 +293,10 @@ def test_nonfinite_gradient_skips_the_step_and_names_the_parameter() -> None:
     assert opt.diagnostics()["slnb/skipped_steps"] == 1.0
 
 
-def test_nonfinite_input_skips_the_step() -> None:
+@pytest.mark.parametrize("preset", ["graft", "whitened"])
+def test_nonfinite_input_skips_the_step(preset: str) -> None:
     m = _mlp()
-    opt = SLNB(m.parameters(), model=m)
+    opt = SLNB(m.parameters(), model=m, preset=preset)
     x, y = _data(0)
     x[0, 0] = float("inf")
     with warnings.catch_warnings(record=True) as caught:
@@ -304,9 +305,16 @@ def test_nonfinite_input_skips_the_step() -> None:
         ((torch.nan_to_num(out) - y) ** 2).mean().backward()
         opt.step()
     assert any("inputs of 0" in str(w.message) for w in caught)
-    # The skip is a device mask: state made by the skipped step holds a fresh optimizer's values.
+    # The skip is a device mask: state made by the skipped step holds a fresh optimizer's values
+    # (zeros, and the whitened preset's inverse roots the identity: a refresh of a covariance
+    # that has seen no input must not give 1/sqrt of the eigenvalue floor, 1e154 here).
     for s in opt.state.values():
-        assert all(not torch.is_tensor(v) or not v.any() for v in s.values()), s
+        for key, v in s.items():
+            if key == "input_inv_sqrt":
+                assert torch.equal(v, torch.eye(v.shape[-1], dtype=v.dtype).expand_as(v)), key
+            else:
+                assert not torch.is_tensor(v) or not v.any(), (key, v)
+    assert any("input_inv_sqrt" in s for s in opt.state.values()) == (preset == "whitened")
 
 
 def test_lora_hooks_only_adapters() -> None:
