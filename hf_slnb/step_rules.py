@@ -66,11 +66,12 @@ def metric_norm(ctx: StepContext, min_norm: float) -> Tensor:
     ``slnb/step_norm`` diagnostic of every rule)."""
     parts = []
     if ctx.shard_group is None and all(a.live_params.dim() == 0 for a in ctx.arenas):
-        # Every parameter stepped (the usual case): the banks' <h, g> plus one dot over the
-        # rest of each arena's momenta (the identity metric: <g, g>).
+        # Every parameter stepped (the usual case): the banks' <h, g> (h = g for a layer that
+        # saw no input) plus one dot over the rest of each arena's momenta (the identity
+        # metric: <g, g>).
         for arena in ctx.arenas:
-            parts += [(ctx.h[id(s)] * ctx.g[id(s)]).sum() for s in _bank_slabs(ctx)
-                      if s.arena is arena]
+            parts += [(ctx.h[id(s)] * ctx.g[id(s)]).sum() for s in arena.slabs
+                      if s.key[0] == "bank"]
             tail = arena.identity_tail()
             if tail is not None:
                 parts.append(torch.dot(tail, tail))

@@ -84,9 +84,24 @@ def test_no_parameters_is_a_value_error() -> None:
         SLNB([], model=nn.Linear(2, 2))
 
 
-def test_remove_hooks_detaches() -> None:
+def test_step_norm_counts_a_layer_that_saw_no_input() -> None:
+    """A layer with no captured input takes the identity metric, so its <g, g> is part of
+    ``slnb/step_norm``, sqrt(sum_p <h, g>) (dense check; the whitened preset skips such a
+    layer's direction, which once left no term at all and failed)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    opt = SLNB(m.parameters(), model=m, preset="whitened")
+    opt.remove_hooks()
+    (m(torch.randn(5, 3)) ** 3).sum().backward()
+    g = torch.cat([p.grad.detach().double().flatten() for p in m.parameters()])
+    opt.step()  # the first step's bias-corrected momentum is the gradient
+    torch.testing.assert_close(float(opt.diagnostics()["slnb/step_norm"]), g.norm().item())
+
+
+@pytest.mark.parametrize("preset", ["graft", "whitened"])
+def test_remove_hooks_detaches(preset: str) -> None:
     m = nn.Linear(3, 2)
-    opt = SLNB(m.parameters(), model=m)
+    opt = SLNB(m.parameters(), model=m, preset=preset)
     opt.remove_hooks()
     m(torch.randn(4, 3)).sum().backward()
     assert opt.neurons[0].capture is None
