@@ -27,6 +27,8 @@ DIRECTION_NAMES = ("diagonal", "pcg", "whitened_orth", "diag_whitened_orth")
 #: Directions that orthogonalise (the step rule ``orth`` scales them).
 ORTH_DIRECTIONS = ("whitened_orth", "diag_whitened_orth")
 PRESET_NAMES = ("graft", "paper", "whitened")
+#: The preset used when none is given.
+DEFAULT_PRESET = "graft"
 #: Which layers an orthogonalising direction takes (``orth_layers``).
 ORTH_LAYERS = ("blocks", "hidden")
 #: The dtype of the Newton-Schulz orthogonalisation (``orth_dtype``).
@@ -360,7 +362,7 @@ PRESETS: dict[str, SLNBConfig] = {
 }
 
 
-def resolve(preset: Any = "graft", **given: Any) -> tuple[SLNBConfig, list[str]]:
+def resolve(preset: Any = DEFAULT_PRESET, **given: Any) -> tuple[SLNBConfig, list[str]]:
     """The configuration for ``preset`` with every option in ``given`` that is not ``None``.
 
     Returns:
@@ -381,7 +383,15 @@ def resolve(preset: Any = "graft", **given: Any) -> tuple[SLNBConfig, list[str]]
         explicit["direction"] = "diagonal" if explicit["diagonal_only"] else "pcg"
     elif "direction" in explicit and "diagonal_only" not in explicit:
         explicit["diagonal_only"] = explicit["direction"] == "diagonal"
-    config = dataclasses.replace(PRESETS[preset], **explicit)
+    try:
+        config = dataclasses.replace(PRESETS[preset], **explicit)
+    except ValueError as err:
+        if "trust_region" in explicit or PRESETS[preset].trust_region != "orth":
+            raise
+        raise ValueError(
+            f"{err} That trust_region comes from preset {preset!r}: for SLNB's diagonal or "
+            "conjugate-gradient direction pass preset='graft', or give trust_region too."
+        ) from None
     inactive = config.inactive()
     return config, [k for k in explicit if k in inactive]
 

@@ -14,6 +14,7 @@ from . import distributed, sharding
 from .binding import ModelBinding
 from .checkpoint import Checkpointing
 from .config import (
+    DEFAULT_PRESET,
     GROUP_KEYS,
     OPTIONS,
     ORTH_DIRECTIONS,
@@ -76,7 +77,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
-                 model: nn.Module, preset: str = "graft", process_group: object | None = None,
+                 model: nn.Module, preset: str = DEFAULT_PRESET,
+                 process_group: object | None = None,
                  **options: Any) -> None:
         config, idle = resolve(preset, **options)
         if not isinstance(model, nn.Module):

@@ -169,6 +169,19 @@ def test_presets_set_only_what_is_not_given() -> None:
     assert mixed.defaults["ridge"] == 0.7 and mixed.trust_region == "global"
 
 
+def test_a_direction_the_preset_step_rule_cannot_scale_names_the_preset() -> None:
+    """The whitened preset's step rule ('orth') scales an orthogonalised direction only: asking
+    it for SLNB's PCG direction is refused, naming the value, where it comes from and what to
+    pass instead; giving trust_region as well is what the user meant."""
+    m = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"Invalid trust_region='orth' with direction='pcg'.*"
+                       r"That trust_region comes from preset 'whitened': .*pass preset='graft'"):
+        SLNB(m.parameters(), model=m, preset="whitened", diagonal_only=False)
+    opt = SLNB(m.parameters(), model=m, preset="whitened", diagonal_only=False,
+               trust_region="graft_row")
+    assert opt.config.direction == "pcg"
+
+
 def test_presets_decide_whether_embeddings_are_preconditioned() -> None:
     m = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2))
     kinds = {name: {n.kind for n in SLNB(m.parameters(), model=m, preset=name).neurons}

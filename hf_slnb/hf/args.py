@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers.training_args import OptimizerNames, TrainingArguments
 
-from ..config import OPTIONS, PRESETS, Option, SLNBConfig, resolve
+from ..config import DEFAULT_PRESET, OPTIONS, PRESETS, Option, SLNBConfig, resolve
 
 #: The value of ``--optim`` that selects SLNB.
 OPTIM_NAME = "slnb"
@@ -24,8 +24,6 @@ OPTIM_NAME = "slnb"
 TRAINER_OPTIONS = {"lr": "--learning_rate", "weight_decay": "--weight_decay"}
 #: The options that get a ``slnb_*`` field and an ``--optim_args`` key.
 HF_OPTIONS: tuple[Option, ...] = tuple(o for o in OPTIONS if o.name not in TRAINER_OPTIONS)
-#: ``--slnb_preset``'s default (the other fields default to ``None``: the preset's value).
-DEFAULT_PRESET = "graft"
 
 _TRUE = ("true", "1", "yes", "y", "on")
 _FALSE = ("false", "0", "no", "n", "off")
