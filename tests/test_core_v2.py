@@ -31,6 +31,7 @@ def _stack_model(seed: int = 0) -> nn.Module:
     {"trust_region": "tensor"},
     {"diagonal_only": False, "cg_iters": 3},                # PCG, graft_row
     {"preset": "paper", "trust_region": "graft_row"},
+    {"preset": "whitened"},
 ])
 def test_batched_bank_equals_one_optimizer_per_layer(options: dict) -> None:
     """The three stacked layers step as if each had its own optimizer (float64, 1e-12).
