@@ -118,8 +118,9 @@ class Checkpointing:
                 f"optimizer's ({lines}). Build the optimizer with the options it was trained "
                 "with and load it again.")
         # Old checkpoints predate 'direction' (their diagonal_only says it) and the
-        # orthogonalising directions (so 'orth_layers' picks nothing for them).
-        unchecked = [k for k in STATE_OPTIONS if k not in shown and k != "orth_layers"
+        # orthogonalising directions (so 'orth_layers' and 'orth_rest' pick nothing for them).
+        unchecked = [k for k in STATE_OPTIONS if k not in shown
+                     and k not in ("orth_layers", "orth_rest")
                      and not (k == "direction" and "diagonal_only" in shown)]
         warnings.warn(
             "SLNB.load_state_dict: this checkpoint does not record its options (it was written "

@@ -31,6 +31,8 @@ PRESET_NAMES = ("graft", "paper", "whitened")
 DEFAULT_PRESET = "graft"
 #: Which layers an orthogonalising direction takes (``orth_layers``).
 ORTH_LAYERS = ("blocks", "hidden")
+#: What the layers an orthogonalising direction does not take get (``orth_rest``).
+ORTH_REST = ("adam", "diagonal")
 #: The dtype of the Newton-Schulz orthogonalisation (``orth_dtype``).
 ORTH_DTYPES = ("auto", "bfloat16", "float32")
 
@@ -193,6 +195,13 @@ OPTIONS: tuple[Option, ...] = (
            _choice(ORTH_LAYERS), ORTH_LAYERS, state=True, acts=_orth,
            why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
            "picks layers"),
+    Option("orth_rest", str, "what the other layers (embeddings, heads, convolutions, layers "
+           "beside the blocks) get under an orthogonalising direction: 'adam' (Adam's step, as "
+           "Muon's authors give them) or 'diagonal' (SLNB's diagonal preconditioner at the length "
+           "Adam would step each output row, as preset 'graft' gives every layer).",
+           _choice(ORTH_REST), ORTH_REST, state=True, acts=_orth,
+           why_not="only an orthogonalising direction ('whitened_orth', 'diag_whitened_orth') "
+           "leaves layers to another step"),
     Option("orth_dtype", str, "the dtype the Newton-Schulz orthogonalisation runs in: 'auto' "
            "(bfloat16 on accelerators, as Muon; on the CPU bfloat16 for the layers whose short "
            "side is at least 128 where it has native bfloat16 instructions, AVX512-BF16 or "
@@ -285,7 +294,7 @@ GROUP_KEYS = tuple(o.name for o in OPTIONS if o.per_group)
 #: Options that give the state its meaning: a checkpoint loads only with equal values.
 STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
                  "precondition_embeddings", "skip_modules", "norm_decay", "direction",
-                 "orth_layers")
+                 "orth_layers", "orth_rest")
 assert set(STATE_OPTIONS) == {o.name for o in OPTIONS if o.state}
 #: Options recorded in a checkpoint that may change on resume (the loader's own are used).
 FREE_OPTIONS = tuple(o.name for o in OPTIONS if not o.state and not o.per_group)
@@ -304,6 +313,7 @@ class SLNBConfig:
     weight_decay: float = 1e-4
     direction: str = "diagonal"
     orth_layers: str = "blocks"
+    orth_rest: str = "adam"
     orth_dtype: str = "auto"
     orth_split: bool = True
     whiten_every: int = 10

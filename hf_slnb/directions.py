@@ -241,7 +241,10 @@ class WhitenedOrth(Direction):
     def compute(self, ctx: StepContext) -> None:
         owners = self.owners(ctx)
         for bank in ctx.banks:
-            if not self.applies(bank) or not ctx.captured[id(bank)] or bank.grams is None:
+            if not self.applies(bank):
+                self.rest(ctx, bank)
+                continue
+            if not ctx.captured[id(bank)] or bank.grams is None:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             cov, root = self.whitening(bank)  # (L, k, b, b): k diagonal blocks of width b
@@ -271,6 +274,18 @@ class WhitenedOrth(Direction):
             self.set_direction(ctx, bank, stats.active,
                                lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows),
                                owners.get(id(bank)))
+
+    def rest(self, ctx: StepContext, bank: Bank) -> None:
+        """A bank this direction does not orthogonalise: ``h = g`` (then Adam's step), or with
+        ``orth_rest='diagonal'`` SLNB's diagonal direction, marked for Adam's length per output
+        row (:attr:`StepContext.grafted`)."""
+        if self.config.orth_rest != "diagonal" or not ctx.captured[id(bank)]:
+            return
+        stats = ctx.statistics(bank)
+        h = bank.layout.solve(bank, ctx.bank_grads(bank), lambda gs, b=bank, s=stats:
+                              b.neurons[0].precondition_stacked(gs, s.mu, s.inv))
+        ctx.set_bank_direction(bank, h, stats.active)
+        ctx.grafted.update(id(s) for s in ctx.bank_slabs(bank))
 
     def owners(self, ctx: StepContext) -> dict[int, int]:
         """With ``orth_split`` under FSDP2: the rank (of the shard group) that orthogonalises
@@ -397,7 +412,10 @@ class DiagWhitenedOrth(WhitenedOrth):
     def compute(self, ctx: StepContext) -> None:
         owners = self.owners(ctx)
         for bank in ctx.banks:
-            if not self.applies(bank) or not ctx.captured[id(bank)]:
+            if not self.applies(bank):
+                self.rest(ctx, bank)
+                continue
+            if not ctx.captured[id(bank)]:
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             self.set_direction(ctx, bank, stats.active,

@@ -128,8 +128,9 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
     def _warn_nothing_orthogonalised(self) -> None:
         """An orthogonalising direction that takes none of the model's layers leaves every
         parameter with Adam's step: AdamW at SLNB's cost. Say so, with the cure."""
-        if self.config.direction not in ORTH_DIRECTIONS or not self.neurons or any(
-                self.direction.takes(n) for n in self.neurons):
+        if (self.config.direction not in ORTH_DIRECTIONS or not self.neurons
+                or self.config.orth_rest == "diagonal"  # then every layer is preset 'graft''s
+                or any(self.direction.takes(n) for n in self.neurons)):
             return
         kinds: dict[str, int] = {}
         for n in self.neurons:
@@ -144,7 +145,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             f"other than the output head; orth_layers={self.config.orth_layers!r}: {where}; "
             f"this model's layers: {found}). Every parameter takes Adam's step, so this is AdamW at extra "
             "cost. Use preset='graft' to precondition every layer (convolutions and embeddings "
-            "included) with its input statistics.", UserWarning, stacklevel=3)
+            "included) with its input statistics, or orth_rest='diagonal' to give the layers "
+            "it does not orthogonalise graft's step.", UserWarning, stacklevel=3)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group, validated as the constructor's are; its layers are hooked.

@@ -57,6 +57,9 @@ class StepContext:
         self.g: dict[int, Tensor] = {}
         self.h: dict[int, Tensor] = {}
         self.preconditioned: dict[int, Tensor] = {}
+        #: Slabs whose direction a step rule that copies directions (``orth``) grafts to Adam's
+        #: length per output row instead (``orth_rest='diagonal'``).
+        self.grafted: set[int] = set()
         self.residuals: list[Tensor] = []
         self.diagnostics: dict[str, Tensor | float] = {}
         self._stats: dict[int, Statistics] = {}
@@ -122,6 +125,10 @@ class StepContext:
         return torch.split(vec.to(arena.dtype), [len(s.params) for s in arena.slabs])
 
     # -- banks -------------------------------------------------------------------------------------
+    def bank_slabs(self, bank: Bank) -> list[Slab]:
+        """The bank's weight slab and, if it has biases, their slab."""
+        return [s for s in self._slab_of[id(bank)] if s is not None]
+
     def bank_grads(self, bank: Bank) -> Stack:
         ws, bs = self._slab_of[id(bank)]
         return (self.g[id(ws)],) if bs is None else (self.g[id(ws)], self.g[id(bs)])

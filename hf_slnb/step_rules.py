@@ -170,11 +170,14 @@ class AdamGraft(StepRule):
                 uu.sqrt_().add_(eps)
                 torch.div(gg, uu, out=uu)
 
-    def graft(self, ctx: StepContext) -> None:
-        """The banks: SLNB's direction at the length of Adam's (in the update buffer)."""
+    def graft(self, ctx: StepContext, slabs: list[Any] | None = None,
+              per_row: bool | None = None) -> None:
+        """The banks (or ``slabs``): SLNB's direction at the length of Adam's (in the update
+        buffer), per output row or per tensor (``per_row``, by default the rule's)."""
         pending = []
-        for s in _bank_slabs(ctx):  # the banks: SLNB's direction at Adam's length
-            dims = ctx.row_dims(s) if self.per_row else tuple(range(len(s.shape)))
+        per_row = self.per_row if per_row is None else per_row
+        for s in _bank_slabs(ctx) if slabs is None else slabs:
+            dims = ctx.row_dims(s) if per_row else tuple(range(len(s.shape)))
             adam, h = s.stack(s.arena.update), ctx.h[id(s)]
             pending.append((s, row_norms(adam, dims), row_norms(h, dims), dims))
         sharded = {i: torch.stack([a2, h2]).square_() for i, (s, a2, h2, dims) in
@@ -202,8 +205,14 @@ class OrthAdam(AdamGraft):
     def updates(self, ctx: StepContext) -> None:
         # Adam's direction wherever a layer may take it: not on the slabs of layers that all
         # take the orthogonalised direction (all captured), which is copied over them below.
-        self.adam(ctx, frozenset(id(s) for s in _bank_slabs(ctx) if ctx.all_captured(s)))
+        self.adam(ctx, frozenset(id(s) for s in _bank_slabs(ctx)
+                                 if ctx.all_captured(s) and id(s) not in ctx.grafted))
+        grafted = [s for s in _bank_slabs(ctx) if id(s) in ctx.grafted]
+        if grafted:  # orth_rest='diagonal': SLNB's direction at Adam's length per row
+            self.graft(ctx, grafted, per_row=True)
         for s in _bank_slabs(ctx):
+            if id(s) in ctx.grafted:
+                continue
             out = s.stack(s.arena.update)
             u = ctx.h[id(s)]
             if ctx.all_captured(s):

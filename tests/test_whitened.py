@@ -279,6 +279,37 @@ def test_orth_layers_picks_the_layers_inside_repeated_blocks(orth_layers: str) -
             assert not torch.allclose(params[name].detach(), adam)
 
 
+@pytest.mark.parametrize("direction", ["whitened_orth", "diag_whitened_orth"])
+def test_orth_rest_diagonal_gives_the_other_layers_slnb_direction_at_adams_row_length(
+        direction: str) -> None:
+    """``orth_rest='diagonal'``: the layers outside the blocks take SLNB's diagonal direction
+    (features centred and scaled by their shrunk variance; the bias absorbs the mean) at the
+    length of Adam's step per output row; the blocks are orthogonalised as before. Dense check
+    of the classifier's first step (momentum 0: ``g`` is the gradient; Adam's step
+    ``g / (|g| + eps)``)."""
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    seen = {}
+    net.classifier.register_forward_hook(lambda m, a, out: seen.update(x=a[0].detach()))
+    opt, before, grads = _one_step(net, orth_rest="diagonal", direction=direction)
+    x, gw, gb = seen["x"], grads["classifier.weight"], grads["classifier.bias"]
+    mu, var = x.mean(0), x.var(0, unbiased=False)
+    var = 0.9 * var + 0.1 * var.mean()  # shrinkage 0.1
+    w = (gw - gb[:, None] * mu[None, :]) / var  # SLNB's diagonal direction, with the bias
+    b = gb - w @ mu
+    adam_w, adam_b = gw / (gw.abs() + 1e-8), gb / (gb.abs() + 1e-8)
+    w = w * (adam_w.norm(dim=1) / w.norm(dim=1))[:, None]  # Adam's length, row by row
+    b = b * adam_b.abs() / b.abs()  # a bias row is one number
+    params = dict(net.named_parameters())
+    torch.testing.assert_close(params["classifier.weight"].detach(),
+                               before["classifier.weight"] - 1e-2 * w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(params["classifier.bias"].detach(),
+                               before["classifier.bias"] - 1e-2 * b, rtol=1e-9, atol=1e-12)
+    if direction == "whitened_orth":
+        assert "input_cov" in opt.state[params["blocks.0.fc.weight"]]  # still orthogonalised
+    assert opt.config.record()["orth_rest"] == "diagonal"
+
+
 def test_orth_layers_falls_back_to_every_hidden_layer_without_blocks() -> None:
     """A model with no repeated block (a plain MLP in one nn.Sequential) orthogonalises every
     hidden layer, as 'hidden' does; the model's last Linear is no language-model head."""
@@ -307,6 +338,8 @@ def test_a_model_with_no_layer_to_orthogonalise_is_told_so(preset: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SLNB(mlp.parameters(), model=mlp, preset="whitened", **options)
+        # orth_rest='diagonal' gives those layers graft's step: no AdamW to warn of
+        SLNB(convs.parameters(), model=convs, preset="whitened", orth_rest="diagonal", **options)
 
 
 def test_orth_layers_is_checked_and_recorded() -> None:
@@ -329,6 +362,31 @@ def test_orth_layers_is_checked_and_recorded() -> None:
     with pytest.raises(ValueError, match=r"input covariance for parameter 'pooler.weight'.*"
                                          r"orth_layers='hidden'"):
         fresh.load_state_dict(state)
+
+
+def test_orth_rest_is_checked_and_recorded() -> None:
+    """A bad value is refused naming the allowed ones; a checkpoint of 'diagonal' is refused by
+    'adam' (its layers' statistics mean another step), and one written before the option (no
+    record of it: it was 'adam') loads into 'adam'."""
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    with pytest.raises(ValueError, match=r"orth_rest='sgd'.*\('adam', 'diagonal'\)"):
+        SLNB(net.parameters(), model=net, preset="whitened", orth_rest="sgd")
+    opt, _, _ = _one_step(net, orth_rest="diagonal")
+    state = opt.state_dict()
+    opt.remove_hooks()
+    fresh = SLNB(net.parameters(), model=net, preset="whitened")
+    with pytest.raises(ValueError, match=r"orth_rest: checkpoint 'diagonal', this optimizer "
+                                         r"'adam'.*orth_rest='diagonal'"):
+        fresh.load_state_dict(state)
+    fresh.remove_hooks()
+    opt, _, _ = _one_step(_Classifier().double())
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["slnb"]["orth_rest"]  # written before the option existed
+    SLNB(net.parameters(), model=net, preset="whitened").load_state_dict(state)
 
 
 def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() -> None:
