@@ -342,50 +342,48 @@ def test_a_model_with_no_layer_to_orthogonalise_is_told_so(preset: str) -> None:
         SLNB(convs.parameters(), model=convs, preset="whitened", orth_rest="diagonal", **options)
 
 
-def test_orth_layers_is_checked_and_recorded() -> None:
-    """A bad value is refused naming the allowed ones; a checkpoint of 'hidden' (or of an
-    hf_slnb before the option, which kept covariances for the pooler) is refused by 'blocks'."""
+def _refused_across(option: str, bad: str, allowed: str, saved: str):
+    """A bad ``option`` value is refused naming the allowed ones; a checkpoint made with
+    ``saved`` is refused by the preset's value, naming both. Returns that checkpoint's state and
+    an optimizer with the preset's value."""
     from hf_slnb import SLNB
 
     torch.manual_seed(0)
     net = _Classifier().double()
-    with pytest.raises(ValueError, match=r"orth_layers='all'.*\('blocks', 'hidden'\)"):
-        SLNB(net.parameters(), model=net, preset="whitened", orth_layers="all")
-    opt, _, _ = _one_step(net, orth_layers="hidden")
+    with pytest.raises(ValueError, match=rf"{option}='{bad}'.*{allowed}"):
+        SLNB(net.parameters(), model=net, preset="whitened", **{option: bad})
+    opt, _, _ = _one_step(net, **{option: saved})
     state = opt.state_dict()
     opt.remove_hooks()
     fresh = SLNB(net.parameters(), model=net, preset="whitened")
-    with pytest.raises(ValueError, match=r"orth_layers: checkpoint 'hidden'"):
+    with pytest.raises(ValueError, match=rf"{option}: checkpoint '{saved}'.*{option}='{saved}'"):
         fresh.load_state_dict(state)
     for group in state["param_groups"]:
-        del group["slnb"]["orth_layers"]  # written before the option existed
+        del group["slnb"][option]  # as written before the option existed
+    return state, fresh
+
+
+def test_orth_layers_is_checked_and_recorded() -> None:
+    """A checkpoint of 'hidden' is refused by 'blocks', and so is one of an hf_slnb before the
+    option (it kept covariances for the pooler)."""
+    state, fresh = _refused_across("orth_layers", "all", r"\('blocks', 'hidden'\)", "hidden")
     with pytest.raises(ValueError, match=r"input covariance for parameter 'pooler.weight'.*"
                                          r"orth_layers='hidden'"):
         fresh.load_state_dict(state)
 
 
 def test_orth_rest_is_checked_and_recorded() -> None:
-    """A bad value is refused naming the allowed ones; a checkpoint of 'diagonal' is refused by
-    'adam' (its layers' statistics mean another step), and one written before the option (no
-    record of it: it was 'adam') loads into 'adam'."""
+    """A checkpoint of 'diagonal' is refused by 'adam' (its layers' statistics mean another
+    step); one of an hf_slnb before the option (no record of it: it was 'adam') loads."""
+    _refused_across("orth_rest", "sgd", r"\('adam', 'diagonal'\)", "diagonal")
     from hf_slnb import SLNB
 
-    torch.manual_seed(0)
     net = _Classifier().double()
-    with pytest.raises(ValueError, match=r"orth_rest='sgd'.*\('adam', 'diagonal'\)"):
-        SLNB(net.parameters(), model=net, preset="whitened", orth_rest="sgd")
-    opt, _, _ = _one_step(net, orth_rest="diagonal")
+    opt, _, _ = _one_step(net)
     state = opt.state_dict()
     opt.remove_hooks()
-    fresh = SLNB(net.parameters(), model=net, preset="whitened")
-    with pytest.raises(ValueError, match=r"orth_rest: checkpoint 'diagonal', this optimizer "
-                                         r"'adam'.*orth_rest='diagonal'"):
-        fresh.load_state_dict(state)
-    fresh.remove_hooks()
-    opt, _, _ = _one_step(_Classifier().double())
-    state = opt.state_dict()
     for group in state["param_groups"]:
-        del group["slnb"]["orth_rest"]  # written before the option existed
+        del group["slnb"]["orth_rest"]
     SLNB(net.parameters(), model=net, preset="whitened").load_state_dict(state)
 
 
