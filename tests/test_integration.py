@@ -293,6 +293,17 @@ def test_default_learning_rate_becomes_slnb_default(tmp_path: Path, caplog) -> N
     assert "--learning_rate was not given" in caplog.text
     assert args_for(tmp_path, optim_args="preset=paper", learning_rate=0.3).learning_rate == 0.3
     assert args_for(tmp_path, optim="adamw_torch").learning_rate == 5e-5
+    # The whitened preset: lr is AdamW's kind and is kept, with a word on its best range.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_slnb.integration"):
+        assert args_for(tmp_path, optim_args="preset=whitened").learning_rate == 5e-5
+    assert "steps at the Trainer's default 5e-05 as AdamW would" in caplog.text
+    assert "3-10x the one you would give AdamW" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_slnb.integration"):
+        args_for(tmp_path, optim_args="preset=whitened", learning_rate=1e-3)
+        args_for(tmp_path)  # the default preset: nothing to say
+    assert "as AdamW would" not in caplog.text
     assert args_for(tmp_path, Seq2SeqTrainingArguments,
                     optim_args="preset=paper").learning_rate == paper_lr
 
