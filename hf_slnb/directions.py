@@ -170,7 +170,8 @@ class WhitenedOrth(Direction):
     ``nn.Linear`` and HF ``Conv1D`` layers that ``orth_layers`` picks (by default those inside
     the repeated blocks: a classifier or pooler beside them is left out, as Muon's authors leave
     out everything but the hidden matrices); embeddings, heads and convolutions keep ``g`` (the
-    step rule then gives them Adam's step). An FSDP2-sharded layer is gathered whole for its
+    step rule then gives them Adam's step), or with ``orth_rest='diagonal'`` take SLNB's
+    diagonal direction (:meth:`rest`). An FSDP2-sharded layer is gathered whole for its
     orthogonalisation on every rank, each keeping its shard (as Muon under FSDP2); its
     covariance is replicated. An input wider than ``max_block`` is whitened in diagonal blocks
     (:meth:`blocks`: ``C`` is then the block diagonal of the covariance, state ``(blocks, b, b)``

@@ -198,7 +198,9 @@ class OrthAdam(AdamGraft):
     """For an orthogonalised direction (``direction='whitened_orth'``): its layers take the
     direction itself (RMS 0.2 per unit lr, Moonlight's match to AdamW), everything else takes
     Adam's step, all at one ``lr``, AdamW's (Muon's authors pair an orthogonalised step on the
-    hidden matrices with Adam on embeddings, head, biases and norms)."""
+    hidden matrices with Adam on embeddings, head, biases and norms). The slabs the direction
+    marks in :attr:`StepContext.grafted` (``orth_rest='diagonal'``) take their direction at
+    Adam's length per output row instead."""
 
     name = "orth"
 
