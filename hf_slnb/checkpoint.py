@@ -21,6 +21,9 @@ STATE_FORMAT = 1
 SAVED = "slnb"
 #: State keys that are counters (stored as float64 on the device since format 1 of core v2).
 COUNTERS = ("step", "stat_step")
+#: State options added after the record began, with the value every checkpoint written before
+#: them had: a checkpoint that does not record one is compared as that value.
+BEFORE_RECORDED = {"orth_rest": "adam"}
 
 
 class Checkpointing:
@@ -86,6 +89,7 @@ class Checkpointing:
             raise ValueError(
                 f"Cannot load this SLNB checkpoint: its format {saved['format']} is newer than "
                 f"this hf_slnb's ({STATE_FORMAT}); upgrade hf_slnb to load it.")
+        saved = {**BEFORE_RECORDED, **saved}
         diff = [key for key in STATE_OPTIONS if key in saved and saved[key] != mine[key]]
         if diff:
             lines = "; ".join(f"{k}: checkpoint {saved[k]!r}, this optimizer {mine[k]!r}"

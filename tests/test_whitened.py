@@ -374,7 +374,8 @@ def test_orth_layers_is_checked_and_recorded() -> None:
 
 def test_orth_rest_is_checked_and_recorded() -> None:
     """A checkpoint of 'diagonal' is refused by 'adam' (its layers' statistics mean another
-    step); one of an hf_slnb before the option (no record of it: it was 'adam') loads."""
+    step); one of an hf_slnb before the option (no record of it: it was 'adam') loads into
+    'adam' and is refused by 'diagonal'."""
     _refused_across("orth_rest", "sgd", r"\('adam', 'diagonal'\)", "diagonal")
     from hf_slnb import SLNB
 
@@ -384,6 +385,11 @@ def test_orth_rest_is_checked_and_recorded() -> None:
     opt.remove_hooks()
     for group in state["param_groups"]:
         del group["slnb"]["orth_rest"]
+    diagonal = SLNB(net.parameters(), model=net, preset="whitened", orth_rest="diagonal")
+    with pytest.raises(ValueError, match=r"orth_rest: checkpoint 'adam', this optimizer "
+                                         r"'diagonal'"):
+        diagonal.load_state_dict(state)
+    diagonal.remove_hooks()
     SLNB(net.parameters(), model=net, preset="whitened").load_state_dict(state)
 
 
