@@ -197,15 +197,13 @@ OPTIONS: tuple[Option, ...] = (
            "no such layer uses 'hidden'), as Muon's authors do, or 'hidden' (every one but the "
            "language-model head, so also a classifier and a pooler). The others take Adam's step.",
            _choice(ORTH_LAYERS), ORTH_LAYERS, state=True, acts=_orth,
-           why_not=_ORTH_ONLY +
-           "picks layers"),
+           why_not=_ORTH_ONLY + "picks layers"),
     Option("orth_rest", str, "what the other layers (embeddings, heads, convolutions, layers "
            "beside the blocks) get under an orthogonalising direction: 'adam' (Adam's step, as "
            "Muon's authors give them) or 'diagonal' (SLNB's diagonal preconditioner at the length "
            "Adam would step each output row, as preset 'graft' gives every layer).",
            _choice(ORTH_REST), ORTH_REST, state=True, acts=_orth,
-           why_not=_ORTH_ONLY +
-           "leaves layers to another step"),
+           why_not=_ORTH_ONLY + "leaves layers to another step"),
     Option("orth_dtype", str, "the dtype the Newton-Schulz orthogonalisation runs in: 'auto' "
            "(bfloat16 on accelerators, as Muon; on the CPU bfloat16 for the layers whose short "
            "side is at least 128 where it has native bfloat16 instructions, AVX512-BF16 or "
@@ -214,8 +212,7 @@ OPTIONS: tuple[Option, ...] = (
            "slower), 'bfloat16' or 'float32'. float64 parameters always run in float64.",
            _choice(ORTH_DTYPES),
            ORTH_DTYPES, acts=_orth,
-           why_not=_ORTH_ONLY +
-           "orthogonalises"),
+           why_not=_ORTH_ONLY + "orthogonalises"),
     Option("orth_split", bool, "share the orthogonalisation out over the ranks, as "
            "distributed Muon does: in data parallel each rank orthogonalises its share of every "
            "bank of same-shape layers, and refreshes its share of their inverse roots, and the "
@@ -226,8 +223,7 @@ OPTIONS: tuple[Option, ...] = (
            "same numbers, bit for bit, for 1/world of that work. False computes every layer on "
            "every rank (an FSDP2 layer after an all-gather): better on a slow network. No effect "
            "in one process.", _flag, acts=_orth,
-           why_not=_ORTH_ONLY +
-           "orthogonalises"),
+           why_not=_ORTH_ONLY + "orthogonalises"),
     Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "
            "C^-1/2 for direction='whitened_orth' (an eigendecomposition on the CPU, "
            "Newton-Schulz on accelerators), integer >= 1.", _positive, acts=_whitening,

@@ -40,6 +40,8 @@ class Slab:
         self.numel_global = math.prod(params[0].shape)
         self.sharded = is_dtensor(params[0])
         self.arena: Arena | None = None
+        #: A bank's weights or biases (a layer's), not parameters with the identity metric.
+        self.in_bank = key[0] == "bank"
 
     def stack(self, flat: Tensor) -> Tensor:
         """The slab's rows ``(L, *shape)`` of a persistent flat buffer (a view made once; it
@@ -151,8 +153,8 @@ class Arena:
         """The gradient scratch after the banks' slabs (laid out first): the parameters with
         the identity metric, as one flat view (made once)."""
         if not hasattr(self, "_tail"):
-            start = max((s.end for s in self.slabs if s.key[0] == "bank"), default=0)
-            assert all(s.offset >= start for s in self.slabs if s.key[0] != "bank")
+            start = max((s.end for s in self.slabs if s.in_bank), default=0)
+            assert all(s.offset >= start for s in self.slabs if not s.in_bank)
             self._tail = self.grad[start:] if start < self.numel else None
         return self._tail
 

@@ -70,8 +70,7 @@ def metric_norm(ctx: StepContext, min_norm: float) -> Tensor:
         # saw no input) plus one dot over the rest of each arena's momenta (the identity
         # metric: <g, g>).
         for arena in ctx.arenas:
-            parts += [(ctx.h[id(s)] * ctx.g[id(s)]).sum() for s in arena.slabs
-                      if s.key[0] == "bank"]
+            parts += [(ctx.h[id(s)] * ctx.g[id(s)]).sum() for s in arena.slabs if s.in_bank]
             tail = arena.identity_tail()
             if tail is not None:
                 parts.append(torch.dot(tail, tail))
@@ -205,16 +204,15 @@ class OrthAdam(AdamGraft):
     name = "orth"
 
     def updates(self, ctx: StepContext) -> None:
+        banks = _bank_slabs(ctx)
+        grafted = [s for s in banks if id(s) in ctx.grafted]
+        copied = [s for s in banks if id(s) not in ctx.grafted]
         # Adam's direction wherever a layer may take it: not on the slabs of layers that all
         # take the orthogonalised direction (all captured), which is copied over them below.
-        self.adam(ctx, frozenset(id(s) for s in _bank_slabs(ctx)
-                                 if ctx.all_captured(s) and id(s) not in ctx.grafted))
-        grafted = [s for s in _bank_slabs(ctx) if id(s) in ctx.grafted]
+        self.adam(ctx, frozenset(id(s) for s in copied if ctx.all_captured(s)))
         if grafted:  # orth_rest='diagonal': SLNB's direction at Adam's length per row
             self.graft(ctx, grafted, per_row=True)
-        for s in _bank_slabs(ctx):
-            if id(s) in ctx.grafted:
-                continue
+        for s in copied:
             out = s.stack(s.arena.update)
             u = ctx.h[id(s)]
             if ctx.all_captured(s):

@@ -157,12 +157,21 @@ def input_gram(x: Tensor, d: int, dtype: torch.dtype, blocks: int = 1) -> Tensor
     of :func:`block_shape`'s split (the last one's padding zero): what a layer whitened in
     blocks keeps."""
     flat = x.reshape(-1, d).to(dtype)
-    b = -(-d // blocks)
-    prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=x.device)
-    for k, lo in enumerate(range(0, d, b)):
-        tile = prod if blocks == 1 else prod[k, : min(b, d - lo), : min(b, d - lo)]
-        add_gram_upper(tile, flat[:, lo : lo + b])
+    prod, tiles = _gram_tiles(d, blocks, dtype, x.device)
+    for tile, span in tiles:
+        add_gram_upper(tile, flat[:, span])
     return prod
+
+
+def _gram_tiles(d: int, blocks: int, dtype: torch.dtype, device: torch.device
+                ) -> tuple[Tensor, list[tuple[Tensor, slice]]]:
+    """A zero ``x^T x``, ``(d, d)`` or its diagonal blocks ``(blocks, b, b)`` (the last one's
+    padding left zero), and each tile to fill with the features it spans."""
+    b = -(-d // blocks)
+    prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=device)
+    tiles = [(prod if blocks == 1 else prod[k, : min(b, d - lo), : min(b, d - lo)],
+              slice(lo, lo + b)) for k, lo in enumerate(range(0, d, b))]
+    return prod, tiles
 
 
 def sampled_moments(x: Tensor, d: int, rows: int, dtype: torch.dtype,
@@ -184,12 +193,10 @@ def sampled_moments(x: Tensor, d: int, rows: int, dtype: torch.dtype,
     kept = flat[:: row_stride(n, rows, int(x.shape[-2]) if x.dim() > 2 else 1)]
     mean = kept.mean(0)
     kept = kept - mean
-    b = -(-d // blocks)
-    prod = torch.zeros((d, d) if blocks == 1 else (blocks, b, b), dtype=dtype, device=x.device)
-    for k, lo in enumerate(range(0, d, b)):
-        tile = prod if blocks == 1 else prod[k, : min(b, d - lo), : min(b, d - lo)]
-        add_gram_upper(tile, kept[:, lo : lo + b])
-        tile.addr_(mean[lo : lo + b], mean[lo : lo + b], beta=n / kept.shape[0], alpha=n)
+    prod, tiles = _gram_tiles(d, blocks, dtype, x.device)
+    for tile, span in tiles:
+        add_gram_upper(tile, kept[:, span])
+        tile.addr_(mean[span], mean[span], beta=n / kept.shape[0], alpha=n)
     return prod, mean.mul_(n)
 
 
