@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import distributed, hooks, sharding
-from .config import compile_patterns
+from .config import DEFAULT_PRESET, FALLBACK_PRESET, compile_patterns
 from .layers import Bank, Neuron, is_hf_conv1d, neuron_for
 
 
@@ -36,6 +36,22 @@ def block_members(model: nn.Module) -> set[str]:
             prefix = f"{name}.{child_name}" if name else child_name
             out.update(f"{prefix}.{sub}" if sub else prefix for sub, _ in child.named_modules())
     return out
+
+
+def default_preset_for(model: nn.Module) -> str:
+    """The preset SLNB takes when none is given: :data:`~hf_slnb.config.DEFAULT_PRESET`
+    (``'whitened'``) for a model with a trained ``nn.Linear`` or HF ``Conv1D`` inside a repeated
+    block (:func:`block_members`: a transformer layer), the layers that preset orthogonalises;
+    :data:`~hf_slnb.config.FALLBACK_PRESET` (``'graft'``) for any other, where ``'whitened'``
+    would orthogonalise nothing, or a classifier alone, and step the rest as AdamW at its
+    ``lr_scale`` times the lr."""
+    blocks = block_members(model)
+    for name, module in model.named_modules():
+        if name in blocks and (isinstance(module, nn.Linear) or is_hf_conv1d(module)):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, Tensor) and weight.requires_grad:
+                return DEFAULT_PRESET
+    return FALLBACK_PRESET
 
 
 class ModelBinding:

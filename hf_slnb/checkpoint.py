@@ -23,7 +23,7 @@ SAVED = "slnb"
 COUNTERS = ("step", "stat_step")
 #: State options added after the record began, with the value every checkpoint written before
 #: them had: a checkpoint that does not record one is compared as that value.
-BEFORE_RECORDED = {"orth_rest": "adam"}
+BEFORE_RECORDED = {"orth_rest": "adam", "lr_scale": 1.0}
 
 
 class Checkpointing:
@@ -112,6 +112,7 @@ class Checkpointing:
                                      ("tensor",) if "metric_sq" in keys else ("global",))
         if "mu" in keys:
             shown["diagonal_only"] = ("solution" not in keys,)
+        shown["lr_scale"] = (BEFORE_RECORDED["lr_scale"],)  # it predates every record
         wrong = {k: v for k, v in shown.items() if getattr(self.config, k) not in v}
         if wrong:
             lines = "; ".join(f"{k}: checkpoint {' or '.join(repr(x) for x in v)}, this "

@@ -27,8 +27,13 @@ DIRECTION_NAMES = ("diagonal", "pcg", "whitened_orth", "diag_whitened_orth")
 #: Directions that orthogonalise (the step rule ``orth`` scales them).
 ORTH_DIRECTIONS = ("whitened_orth", "diag_whitened_orth")
 PRESET_NAMES = ("graft", "paper", "whitened")
-#: The preset used when none is given.
-DEFAULT_PRESET = "graft"
+#: The preset used when none is given, for a model with a trained ``nn.Linear`` or HF ``Conv1D``
+#: inside a repeated block (a transformer): what it orthogonalises (issue 13, round 14).
+DEFAULT_PRESET = "whitened"
+#: The preset used when none is given for any other model (convolutions, embeddings, a plain
+#: MLP), where ``whitened`` would orthogonalise nothing, or nothing but a classifier, and so be
+#: AdamW at 10x the lr (see :func:`hf_slnb.binding.default_preset_for`).
+FALLBACK_PRESET = "graft"
 #: Which layers an orthogonalising direction takes (``orth_layers``).
 ORTH_LAYERS = ("blocks", "hidden")
 #: What the layers an orthogonalising direction does not take get (``orth_rest``).
@@ -166,15 +171,26 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("preset", str, "'graft' (default: SLNB's diagonal direction with Adam's step size per "
-           "output row), 'paper' (the published algorithm, ALGORITHM.md, exactly) or 'whitened' "
-           "(issue 13: orthogonalisation in whitened coordinates for the layers of the repeated "
-           "blocks, Adam's step elsewhere; see BENCHMARKS.md). Sets "
-           "every option below that is not given.",
+    Option("preset", str, "'whitened' (issue 13: Muon's orthogonalisation in whitened "
+           "coordinates for the layers of the repeated blocks, Adam's step elsewhere, lr "
+           "AdamW's; see BENCHMARKS.md), 'graft' (SLNB's diagonal direction with Adam's step "
+           "size per output row, for every layer kind) or 'paper' (the published algorithm, "
+           "ALGORITHM.md, exactly). Not given: 'whitened' for a model with a trained nn.Linear "
+           "or Conv1D inside a repeated block (a transformer layer), 'graft' for any other "
+           "(convolutions, embeddings, a plain MLP). Sets every option below that is not given.",
            _choice(PRESET_NAMES), PRESET_NAMES, state=True),
     Option("lr", float, "with trust_region='global' the trust-region radius (the metric length "
-           "of each update, 0.05-1 is reasonable); otherwise an Adam-like step. >= 0.", _nonneg,
+           "of each update, 0.05-1 is reasonable); otherwise an Adam-like step (taken at lr_scale * "
+           "lr). >= 0.", _nonneg,
            per_group=True),
+    Option("lr_scale", float, "the step is taken at lr_scale * lr (the decoupled weight decay "
+           "too): a preset's map from the lr you would give AdamW onto its own. 'whitened' "
+           "takes 10, because its best lr was 10x AdamW's best on all four benchmarks "
+           "(BENCHMARKS.md, issue 13): so AdamW's lr, and its schedule, carry over as they are "
+           "(schedulers and the Trainer's logged learning_rate see lr itself). 1 elsewhere. "
+           "> 0; a checkpoint made with another value is refused (it would resume at another "
+           "step size).",
+           _finite(">"), state=True),
     Option("momentum", float, "decay beta_g of the gradient's moving average, in [0, 1).", _unit,
            per_group=True),
     Option("mean_decay", float, "decay of the moving average of each layer's input-feature "
@@ -294,7 +310,7 @@ GROUP_KEYS = tuple(o.name for o in OPTIONS if o.per_group)
 #: Options that give the state its meaning: a checkpoint loads only with equal values.
 STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
                  "precondition_embeddings", "skip_modules", "norm_decay", "direction",
-                 "orth_layers", "orth_rest")
+                 "orth_layers", "orth_rest", "lr_scale")
 assert set(STATE_OPTIONS) == {o.name for o in OPTIONS if o.state}
 #: Options recorded in a checkpoint that may change on resume (the loader's own are used).
 FREE_OPTIONS = tuple(o.name for o in OPTIONS if not o.state and not o.per_group)
@@ -306,6 +322,7 @@ class SLNBConfig:
 
     preset: str = "graft"
     lr: float = 3e-3
+    lr_scale: float = 1.0
     momentum: float = 0.9
     mean_decay: float = 0.9
     sq_mean_decay: float = 0.999
@@ -358,7 +375,8 @@ class SLNBConfig:
                 ((k, getattr(self, k)) for k in (*STATE_OPTIONS, *FREE_OPTIONS))}
 
 
-#: The presets. ``paper`` is ALGORITHM.md exactly; ``graft`` (the default) was chosen by the
+#: The presets. ``paper`` is ALGORITHM.md exactly; ``graft`` (the default before round 14 of
+#: issue 13, now for models without linear layers in repeated blocks) was chosen by the
 #: ablations in BENCHMARKS.md: SLNB's diagonal incomplete-Cholesky direction with Adam's step
 #: size per output row (its ridge settings apply when ``diagonal_only=False`` is asked for).
 PRESETS: dict[str, SLNBConfig] = {
@@ -367,8 +385,10 @@ PRESETS: dict[str, SLNBConfig] = {
                         trust_region="global", ridge=0.1, ridge_mode="absolute"),
     # Issue 13: Muon in whitened coordinates on the hidden matrices, Adam elsewhere; lr is AdamW's.
     # cov_rows=512: the same losses on GPT-2, the Llama and MiniLM as every row (round 5).
-    "whitened": SLNBConfig(preset="whitened", direction="whitened_orth", diagonal_only=False,
-                           trust_region="orth", weight_decay=0.01, cov_rows=512),
+    # lr_scale=10: its best lr was 10x AdamW's on every task (round 13), so lr is AdamW's own.
+    "whitened": SLNBConfig(preset="whitened", lr=1e-3, lr_scale=10.0, direction="whitened_orth",
+                           diagonal_only=False, trust_region="orth", weight_decay=0.01,
+                           cov_rows=512),
 }
 
 
@@ -444,9 +464,11 @@ def options_markdown() -> str:
             "> docs/OPTIONS.md` (a test checks it is current). In the Trainer each option is "
             "`--slnb_<name>` or a key of `--optim_args` (except `lr` and `weight_decay`: "
             "`--learning_rate`, `--weight_decay`). `None`/unset takes the preset's value.\n\n"
-            "| option | type | graft (default) | paper | per group | in the state's meaning "
-            "| meaning |\n|---|---|---|---|---|---|---|\n")
-    rows = [f"| `{o.name}` | {o.kind.__name__} | `{getattr(PRESETS['graft'], o.name)!r}` | "
+            "| option | type | whitened (default for transformers) | graft (default otherwise) "
+            "| paper | per group | in the state's meaning | meaning |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| `{o.name}` | {o.kind.__name__} | `{getattr(PRESETS['whitened'], o.name)!r}` | "
+            f"`{getattr(PRESETS['graft'], o.name)!r}` | "
             f"`{getattr(PRESETS['paper'], o.name)!r}` | {'yes' if o.per_group else 'no'} | "
             f"{'yes' if o.state else 'no'} | {o.help.replace('|', '/')} |" for o in OPTIONS]
     return head + "\n".join(rows) + "\n"

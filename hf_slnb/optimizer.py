@@ -11,10 +11,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import distributed, sharding
-from .binding import ModelBinding
+from .binding import ModelBinding, default_preset_for
 from .checkpoint import Checkpointing
 from .config import (
-    DEFAULT_PRESET,
     GROUP_KEYS,
     OPTIONS,
     ORTH_DIRECTIONS,
@@ -54,9 +53,14 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         \end{aligned}
 
     ``preset="paper"`` is ALGORITHM.md exactly (PCG, one global trust region, ``lr`` its
-    radius); the default ``preset="graft"`` takes SLNB's diagonal direction and Adam's step size
-    per output row (``lr`` an Adam-like step). Every option left at ``None`` takes the preset's
-    value; an option given explicitly that has no effect under the result is warned about.
+    radius); ``preset="graft"`` takes SLNB's diagonal direction and Adam's step size per output
+    row (``lr`` an Adam-like step); ``preset="whitened"`` orthogonalises the layers of the
+    repeated blocks in whitened coordinates, steps the rest as Adam, and maps AdamW's ``lr``
+    onto its own (``lr_scale=10``). With ``preset=None`` (the default) a model with an
+    ``nn.Linear``/``Conv1D`` inside a repeated block (a transformer) takes ``'whitened'``, any
+    other ``'graft'`` (:func:`hf_slnb.binding.default_preset_for`). Every option left at
+    ``None`` takes the preset's value; an option given explicitly that has no effect under the
+    result is warned about.
 
     Args:
         params: Parameters or parameter groups, as for any ``torch.optim`` optimizer. Groups
@@ -77,13 +81,14 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
-                 model: nn.Module, preset: str = DEFAULT_PRESET,
+                 model: nn.Module, preset: str | None = None,
                  process_group: object | None = None,
                  **options: Any) -> None:
-        config, idle = resolve(preset, **options)
         if not isinstance(model, nn.Module):
             raise ValueError(  # noqa: TRY004 - bad input is a ValueError here, whatever its type
                 f"Invalid model={model!r}: must be the torch.nn.Module being trained.")
+        config, idle = resolve(default_preset_for(model) if preset is None else preset,
+                               **options)
         self.config = config
         super().__init__(params, {k: getattr(config, k) for k in GROUP_KEYS})
         if idle:
@@ -288,13 +293,14 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         self._report_skips(self._skips.flush())
 
     def _apply(self, params: list[Tensor], ctx: StepContext) -> None:
-        """``p <- p (1 - lr wd keep) - lr keep u``: one pair of foreach ops per group and arena."""
+        """``p <- p (1 - lr wd keep) - lr keep u`` with ``lr`` the group's times ``lr_scale``: one
+        pair of foreach ops per group and arena."""
         for arena in self._arenas:
             if not arena.all_live:
                 arena.update.masked_fill_(arena.live_elements.logical_not(), 0.0)
         stepped = {id(p) for p in params}
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = group["lr"] * self.config.lr_scale, group["weight_decay"]
             for arena in self._arenas:
                 ps = [p for p in group["params"] if id(p) in stepped and id(p) in arena.index]
                 if not ps:

@@ -133,7 +133,7 @@ def clm_task(quick: bool) -> TaskSpec:
         name="clm", title=f"GPT-2 ({args.n_layer}x{args.n_embd}) pretraining on Shakespeare",
         steps=4 if quick else 300, eval_every=2 if quick else 25, batch_size=4 if quick else 16,
         eval_batch_size=32, scheduler="cosine", warmup=0.05, weight_decay=0.01,
-        lrs={"slnb": [1e-3, 3e-3, 1e-2], "adamw": [1e-3, 3e-3, 1e-2],
+        lrs={"slnb": [3e-4, 1e-3, 3e-3], "adamw": [1e-3, 3e-3, 1e-2],
              "schedulefree": [1e-3, 3e-3, 1e-2], "soap": [1e-3, 3e-3, 1e-2],
              "muon": [0.01, 0.03, 0.1], "torch_muon": [1e-3, 3e-3, 1e-2]},
         slnb_radius_lrs=[0.1, 0.3, 1.0], muon_aux_lr=3e-3, build=build,

@@ -5,11 +5,11 @@ Three parts, each time-boxed and caught, so one failure never hides the others:
 1. ``pytest`` on the tests that apply to CUDA (``tests/test_cuda.py``: the paper preset on the
    device against the dense float64 reference, both presets against the CPU, float32 state for
    bf16 parameters) and the op counter's own tests.
-2. For SLNB's default, ``paper`` and ``whitened`` presets on a small GPT-2, after warm-up steps: forward,
+2. For SLNB's ``graft``, ``paper`` and ``whitened`` presets on a small GPT-2, after warm-up steps: forward,
    backward and ``step()`` each under ``torch.cuda.set_sync_debug_mode("error")``; then the same
    under ``"warn"``, to count the syncs of each phase and name the lines that caused them.
 3. A ~124M GPT-2 (n_embd 768, 12 layers, 12 heads, vocab 50257) trained in bf16 autocast with
-   SLNB (default preset), SLNB ``preset="whitened"`` and ``torch.optim.AdamW(fused=True)``, same
+   SLNB ``preset="graft"``, SLNB ``preset="whitened"`` (the default for a transformer) and ``torch.optim.AdamW(fused=True)``, same
    initialisation and data, steps interleaved (the order reverses every step); median step
    time (forward + backward + step) ratios to AdamW, peak memory ratios (each model alone,
    ``torch.cuda.max_memory_allocated`` reset in between) and the loss after N steps.
@@ -50,9 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_TESTS = ("tests/test_cuda.py", "tests/test_count_ops.py")
 #: Part 2: SLNB's presets, and fused AdamW on the same model (the model's own syncs, if any).
 SYNC_CASES = ("graft", "paper", "whitened", "adamw")
-#: Part 3: the optimizers trained side by side (SLNB's default preset, its ``whitened`` preset,
-#: fused AdamW) and how the summary names them.
-TRAIN_KINDS = {"slnb": "SLNB (default preset)", "whitened": "SLNB preset='whitened'",
+#: Part 3: the optimizers trained side by side (SLNB's ``graft`` preset, its ``whitened`` preset,
+#: the default for a transformer, and fused AdamW) and how the summary names them.
+TRAIN_KINDS = {"slnb": "SLNB preset='graft'", "whitened": "SLNB preset='whitened'",
                "adamw": "AdamW(fused=True)"}
 PHASES = ("forward", "backward", "step")
 #: Dropout off: both optimizers then see exactly the same function (equal first losses).
@@ -254,8 +254,8 @@ def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     if kind in ("slnb", "whitened"):
         from hf_slnb import SLNB
 
-        preset = {"preset": "whitened"} if kind == "whitened" else {}
-        return SLNB(model.parameters(), model=model, **preset)
+        return SLNB(model.parameters(), model=model,
+                    preset="whitened" if kind == "whitened" else "graft")
     return torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=True)
 
 
@@ -406,7 +406,7 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"\n{k}: {v['error']} at {v['where']}")
         if tr.get("stopped_early"):
             lines.append(f"\nstopped early: {tr['stopped_early']}")
-    lines.append("\nTargets: issue 10 (default preset) time ratio <= 1.05, memory ratio <= 1.05, "
+    lines.append("\nTargets: issue 10 (graft) time ratio <= 1.05, memory ratio <= 1.05, "
                  "0 syncs; issue 13 (whitened) time ratio <= 1.15, memory AdamW's plus the "
                  "per-layer statistics, 0 syncs.")
     return "\n".join(lines)

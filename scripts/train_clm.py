@@ -18,10 +18,10 @@ It accepts every ``TrainingArguments`` option (they win over the defaults below)
 
 Defaults that differ from ``TrainingArguments``': ``--optim slnb``, ``--output_dir outputs/clm``,
 cosine schedule with 5% warmup, evaluation on the held-out split every ``--eval_steps``, no
-intermediate checkpoints and ``--learning_rate 3e-3``: an Adam-like step, right for AdamW and
-for SLNB's default preset (``graft``: SLNB's direction with Adam's step size per output row);
-with ``--optim_args preset=paper`` SLNB's lr is the paper's trust-region radius and SLNB's own
-default (0.1) applies. The output directory receives the model, the tokenizer, a model card
+intermediate checkpoints and ``--learning_rate 1e-3``: AdamW's best on the benchmark's GPT-2
+(BENCHMARKS.md, issue 13), and the lr to give SLNB's default preset for a transformer
+(``whitened``, which steps at 10x it, its own best); with ``--optim_args preset=paper`` SLNB's
+lr is the paper's trust-region radius and SLNB's own default (0.1) applies. The output directory receives the model, the tokenizer, a model card
 (``README.md``), ``loss_curve.png`` and ``results.json``. On a busy shared machine
 ``OMP_NUM_THREADS=1`` can be several times faster than torch's default of one thread per core.
 """
@@ -78,9 +78,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "seed": 42,
 }
-#: ``--learning_rate`` when the user gives none, for AdamW and SLNB's default (Adam-like step)
-#: preset alike; with ``--optim_args preset=paper`` SLNB's lr is a radius and its default applies.
-DEFAULT_LR = 3e-3
+#: ``--learning_rate`` when the user gives none, for AdamW and SLNB's default preset alike (it
+#: maps AdamW's lr onto its own); with ``--optim_args preset=paper`` SLNB's lr is a radius and
+#: its default applies.
+DEFAULT_LR = 1e-3
 
 
 @dataclass

@@ -102,8 +102,10 @@ def _run_fsdp(args: list[str], out: Path, state_dict_type: str = "FULL_STATE_DIC
     info = json.loads((out / "run_info.json").read_text())
     logged = [h for h in info["log_history"] if "loss" in h]
     # Accelerate shards the model after the Trainer built SLNB: SLNB must follow the new
-    # parameters (else nothing would be preconditioned).
-    assert logged and all(h["slnb/preconditioned_fraction"] > 0.9 for h in logged), logged
+    # parameters (else nothing would be preconditioned). The default preset, whitened,
+    # orthogonalises the blocks' layers (0.78 of this GPT-2's parameters); the embeddings
+    # take Adam's step.
+    assert logged and all(h["slnb/preconditioned_fraction"] > 0.7 for h in logged), logged
 
 
 def test_fsdp2_trainer_matches_one_process_on_the_global_batch(tmp_path: Path) -> None:

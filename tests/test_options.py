@@ -192,3 +192,38 @@ def test_presets_decide_whether_embeddings_are_preconditioned() -> None:
     assert PRESETS["paper"].precondition_embeddings is True
     off = SLNB(m.parameters(), model=m, preset="paper", precondition_embeddings=False)
     assert {n.kind for n in off.neurons} == {"linear"}
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(x))
+
+
+def test_the_default_preset_is_the_models() -> None:
+    """No preset given: 'whitened' (lr_scale 10) for a model with a trained Linear inside a
+    repeated block, 'graft' for any other (a plain MLP, a CNN whose blocks hold convolutions
+    only, a transformer whose blocks are frozen), where 'whitened' would be AdamW at 10x the lr.
+    A preset given is kept."""
+    transformer = nn.Sequential(nn.ModuleList(_Block() for _ in range(2)), nn.Linear(4, 3))
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    cnn = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()),
+                        nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU()), nn.Flatten(),
+                        nn.Linear(2, 3))
+    frozen = nn.Sequential(nn.ModuleList(_Block() for _ in range(2)), nn.Linear(4, 3))
+    frozen[0].requires_grad_(False)
+    for model, want in ((transformer, "whitened"), (mlp, "graft"), (cnn, "graft"),
+                        (frozen, "graft")):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = SLNB(params, model=model)
+        assert (opt.preset, opt.config.lr_scale) == (want, 10.0 if want == "whitened" else 1.0)
+        opt.remove_hooks()
+    opt = SLNB(mlp.parameters(), model=mlp, preset="whitened")
+    assert opt.preset == "whitened"
+    opt.remove_hooks()
+    opt = SLNB(transformer.parameters(), model=transformer, preset="graft")
+    assert opt.preset == "graft"
+    opt.remove_hooks()

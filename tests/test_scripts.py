@@ -94,7 +94,7 @@ def _import_script(name: str):
 
 
 @needs_scripts_extra
-@pytest.mark.parametrize(("name", "lr"), [("train_clm", 3e-3), ("finetune_classification", 2e-4)])
+@pytest.mark.parametrize(("name", "lr"), [("train_clm", 1e-3), ("finetune_classification", 1e-4)])
 def test_script_defaults_and_user_flags(name: str, lr: float, tmp_path: Path) -> None:
     script = _import_script(name)
     _, args = script.parse_args([])
@@ -119,8 +119,8 @@ def test_script_defaults_and_user_flags(name: str, lr: float, tmp_path: Path) ->
 
 
 @needs_scripts_extra
-@pytest.mark.parametrize(("name", "lr"), [("train_clm.py", "0.003"),
-                                          ("finetune_classification.py", "0.0002")])
+@pytest.mark.parametrize(("name", "lr"), [("train_clm.py", "0.001"),
+                                          ("finetune_classification.py", "0.0001")])
 def test_script_help_shows_what_runs(name: str, lr: str) -> None:
     out = " ".join(run_script(name, "--help", timeout=120).stdout.split())
     assert f"(default: {lr})" in out
@@ -161,7 +161,8 @@ def test_train_clm_smoke(tmp_path: Path) -> None:
     assert metrics["perplexity"] == pytest.approx(results["eval_perplexity"], rel=1e-3)
     for needle in ("## Data", "## Tokenizer", "## Training", "## Framework versions",
                    "loss_curve.png", "--max_steps 3", "| optimizer (`--optim`) | `slnb` |",
-                   "SLNB", "## Use", 'pip install -e ".[scripts]"', "no conjugate gradient"):
+                   "SLNB", "## Use", 'pip install -e ".[scripts]"',
+                   "Muon's orthogonalisation in whitened coordinates", "`lr_scale * lr`"):
         assert needle in body, needle
     assert "`cg_iters`" not in body  # the default preset runs no PCG: not listed as if it did
     # The card's snippet loads the model with plain transformers.

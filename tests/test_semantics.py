@@ -95,8 +95,8 @@ def test_gradient_checkpointing_counts_once(reentrant: bool) -> None:
     enable_checkpointing(b, use_reentrant=reentrant)
     a.train()
     b.train()
-    oa = SLNB(a.parameters(), model=a, diagonal_only=False)
-    ob = SLNB(b.parameters(), model=b, diagonal_only=False)
+    oa = SLNB(a.parameters(), model=a, preset="graft", diagonal_only=False)
+    ob = SLNB(b.parameters(), model=b, preset="graft", diagonal_only=False)
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
         ids = torch.randint(0, 40, (3, 12), generator=g)

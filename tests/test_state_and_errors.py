@@ -145,7 +145,7 @@ def test_state_dict_records_the_options_in_every_group() -> None:
             "format": 1, "preset": "paper", "trust_region": "global", "ridge_mode": "absolute",
             "diagonal_only": False, "precondition_embeddings": True, "skip_modules": ["^3$"],
             "norm_decay": 0.999, "direction": "pcg", "orth_layers": "blocks",
-            "orth_rest": "adam",
+            "orth_rest": "adam", "lr_scale": 1.0,
             "metric_backend": "auto", "min_norm": 1e-2, "orth_dtype": "auto", "orth_split": True,
             "whiten_every": 10,
             "cov_rows": 0, "max_block": 256,
@@ -419,7 +419,8 @@ def test_trainer_resume_of_a_paper_checkpoint_without_the_preset_fails(tmp_path:
     model, data = _tiny_gpt2_and_data()
     trainer = Trainer(model=model, args=_trainer_args(tmp_path / "b", max_steps=4),
                       train_dataset=data)
-    with pytest.raises(ValueError, match=r"preset: checkpoint 'paper', this optimizer 'graft'.*"
+    with pytest.raises(ValueError, match=r"preset: checkpoint 'paper', this optimizer "
+                       r"'whitened'.*lr_scale: checkpoint 1.0, this optimizer 10.0.*"
                        r"Build the optimizer with the checkpoint's options \(preset='paper'"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 

@@ -8,6 +8,7 @@ import torch
 from hf_slnb import whitened as W
 
 D = torch.float64
+# The whitened preset steps at lr_scale = 10 times its lr: its lr=1e-3 below is a step of 1e-2.
 
 
 def _spd(d: int, seed: int) -> torch.Tensor:
@@ -109,7 +110,7 @@ def test_whitened_orth_direction_class_equals_its_definition() -> None:
     x = torch.randn(50, 6, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.2, 2.0, 1.0, 3.0],
                                                                 dtype=torch.float64) + 1.5
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-2)
+               lr=1e-3)
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     lin(x).pow(3).mean().backward()
     gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
@@ -137,7 +138,7 @@ def test_diag_whitened_orth_direction_class_equals_its_definition(bias: bool) ->
     lin = nn.Linear(6, 9, bias=bias).double()
     x = torch.randn(50, 6, dtype=D) * torch.tensor([1.0, 5.0, 0.2, 2.0, 1.0, 3.0], dtype=D) + 1.5
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", direction="diag_whitened_orth",
-               momentum=0.0, weight_decay=0.0, lr=1e-2)
+               momentum=0.0, weight_decay=0.0, lr=1e-3)
     w0 = lin.weight.detach().clone()
     lin(x).pow(3).mean().backward()
     gw = lin.weight.grad.clone()
@@ -249,7 +250,7 @@ def _one_step(net: torch.nn.Module, **options: object) -> tuple[object, dict, di
 
     x = torch.randn(30, 5, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0, 1.0], dtype=D) + 0.7
     opt = SLNB(net.parameters(), model=net, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-2, **options)
+               lr=1e-3, **options)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     torch.nn.functional.cross_entropy(net(x), torch.arange(30) % 2).backward()
     grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
@@ -391,6 +392,68 @@ def test_orth_rest_is_checked_and_recorded() -> None:
         diagonal.load_state_dict(state)
     diagonal.remove_hooks()
     SLNB(net.parameters(), model=net, preset="whitened").load_state_dict(state)
+
+
+def test_lr_scale_multiplies_the_step_and_the_weight_decay() -> None:
+    """The whitened preset steps at ``lr_scale * lr`` = 10 lr: with momentum 0 the classifier's
+    first step (Adam's: ``g / (|g| + eps)``) under weight decay 0.1 is, dense,
+    ``p (1 - 10 lr wd) - 10 lr g / (|g| + eps)``; and ``lr_scale=3`` under ``graft`` is ``graft``
+    at 3 lr, step for step."""
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    x = torch.randn(30, 5, dtype=D)
+    opt = SLNB(net.parameters(), model=net, preset="whitened", momentum=0.0, weight_decay=0.1,
+               lr=2e-3)
+    assert opt.config.lr_scale == 10.0
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    torch.nn.functional.cross_entropy(net(x), torch.arange(30) % 2).backward()
+    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+    opt.step()
+    for name in ("classifier.weight", "classifier.bias"):
+        g, p0 = grads[name], before[name]
+        want = p0 * (1 - 10 * 2e-3 * 0.1) - 10 * 2e-3 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(dict(net.named_parameters())[name].detach(), want,
+                                   rtol=1e-12, atol=1e-14)
+    opt.remove_hooks()
+    finals = []
+    for lr, scale in ((3e-3, 3.0), (9e-3, 1.0)):
+        torch.manual_seed(1)
+        net = _Classifier().double()
+        opt = SLNB(net.parameters(), model=net, lr=lr, lr_scale=scale, weight_decay=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), torch.arange(30) % 2).backward()
+            opt.step()
+        finals.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+        opt.remove_hooks()
+    torch.testing.assert_close(finals[0], finals[1], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"lr_scale=0.0.*finite number > 0"):
+        SLNB(net.parameters(), model=net, lr_scale=0.0)
+
+
+def test_a_checkpoint_resumes_only_at_its_own_lr_scale() -> None:
+    """A checkpoint of the whitened preset (lr_scale 10) is refused by lr_scale=1, naming it;
+    one written before the option (no record: it stepped at lr) is refused by the preset and
+    loads with lr_scale=1, so no run resumes at 10x its step."""
+    from hf_slnb import SLNB
+
+    net = _Classifier().double()
+    opt, _, _ = _one_step(net)
+    state = opt.state_dict()
+    opt.remove_hooks()
+    one = SLNB(net.parameters(), model=net, preset="whitened", lr_scale=1.0)
+    with pytest.raises(ValueError, match=r"lr_scale: checkpoint 10.0, this optimizer 1.0.*"
+                                         r"lr_scale=10.0"):
+        one.load_state_dict(state)
+    for group in state["param_groups"]:
+        del group["slnb"]["lr_scale"]  # as written before the option existed
+    preset = SLNB(net.parameters(), model=net, preset="whitened")
+    with pytest.raises(ValueError, match=r"lr_scale: checkpoint 1.0, this optimizer 10.0"):
+        preset.load_state_dict(state)
+    preset.remove_hooks()
+    one.load_state_dict(state)
 
 
 def test_cov_rows_strides_the_positions_of_the_covariance_and_rescales_them() -> None:
@@ -590,7 +653,7 @@ def test_orth_dtype_picks_the_newton_schulz_precision() -> None:
         lin = nn.Linear(24, 16, dtype=torch.float32)  # whatever the default dtype
         lin.load_state_dict({k: v.float() for k, v in lin0.state_dict().items()})
         opt = SLNB(lin.parameters(), model=lin, preset="whitened", orth_dtype=choice,
-                   momentum=0.0, weight_decay=0.0, lr=1.0)
+                   momentum=0.0, weight_decay=0.0, lr=0.1)
         lin(x.float()).pow(3).mean().backward()
         opt.step()
         got = (lin0.weight.detach() - lin.weight.detach().double())
@@ -805,7 +868,7 @@ def test_an_input_wider_than_max_block_is_whitened_in_diagonal_blocks(shape, max
     torch.manual_seed(0)
     lin = nn.Linear(shape[1], shape[0]).double()
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-2, whiten_every=2, max_block=max_block)
+               lr=1e-3, whiten_every=2, max_block=max_block)
     _steps_match_the_dense_definition(lin, opt, steps=4, rows=60, spread=(0.3, 3.0), every=2,
                                       widths=widths)
 
@@ -831,7 +894,7 @@ def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(6, 6).double()
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-2, whiten_every=1)
+               lr=1e-3, whiten_every=1)
     _steps_match_the_dense_definition(lin, opt, steps=2, rows=30, spread=(0.5, 2.0), every=1)
     assert calls == [((1, 6, 6), True)] * 2
 
@@ -890,7 +953,7 @@ def test_the_gram_form_serves_long_layers_and_its_inverse_follows_the_refresh() 
     torch.manual_seed(0)
     lin = nn.Linear(12, 4).double()
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-2, whiten_every=2)
+               lr=1e-3, whiten_every=2)
     calls = []
     real = W.whitened_orth_gram
 
@@ -986,7 +1049,7 @@ def test_a_bank_updates_its_covariances_in_chunks_of_layers(monkeypatch, chunk_l
     torch.manual_seed(0)
     layers = nn.ModuleList(nn.Linear(d, d) for _ in range(3)).double()
     opt = SLNB(layers.parameters(), model=layers, preset="whitened", momentum=0.0,
-               weight_decay=0.0, lr=1e-2, whiten_every=2)
+               weight_decay=0.0, lr=1e-3, whiten_every=2)
     covs = [torch.zeros(d, d, dtype=D) for _ in layers]
     roots = list(covs)
     for step in range(3):
@@ -1023,7 +1086,7 @@ def test_a_layer_fed_by_a_layernorm_is_orthogonalised_stably_in_float32() -> Non
     f32 = torch.float32  # whatever the default dtype (test_semantics sets float64)
     lin = nn.Linear(8, 300, dtype=f32)
     opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-2, whiten_every=1)
+               lr=1e-3, whiten_every=1)
     x = torch.randn(64, 8, dtype=f32) * torch.linspace(0.5, 2.0, 8, dtype=f32)
     x = torch.nn.functional.layer_norm(x, (8,))
     w0 = lin.weight.detach().double()  # a copy: the weight is float32

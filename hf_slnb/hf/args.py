@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers.training_args import OptimizerNames, TrainingArguments
 
-from ..config import DEFAULT_PRESET, OPTIONS, PRESETS, Option, SLNBConfig, resolve
+from ..config import DEFAULT_PRESET, FALLBACK_PRESET, OPTIONS, PRESETS, Option, SLNBConfig, resolve
 
 #: The value of ``--optim`` that selects SLNB.
 OPTIM_NAME = "slnb"
@@ -65,7 +65,8 @@ def _help(option: Option) -> str:
     """``--help`` text of one option's field: its meaning and the presets' values."""
     text = f"SLNB: {option.help}".replace("%", "%%")
     if option.name == "preset":
-        return text  # a concrete default: argparse shows it
+        return (f"{text} (default: the model's: {DEFAULT_PRESET} for a transformer, "
+                f"{FALLBACK_PRESET} otherwise){_NO_ARGPARSE_DEFAULT}")
     presets = ", ".join(f"{name} {_show(getattr(config, option.name))}"
                         for name, config in PRESETS.items())
     return f"{text} (default: the preset's: {presets}){_NO_ARGPARSE_DEFAULT}"
@@ -83,12 +84,8 @@ def _add_option_fields(cls: type) -> type:
         metadata: dict[str, Any] = {"help": _help(option)}
         if option.choices is not None:
             metadata["choices"] = list(option.choices)
-        if option.name == "preset":
-            annotations[name] = str
-            default: Any = DEFAULT_PRESET
-        else:
-            annotations[name] = _FIELD_TYPES[option.kind]
-            default = None
+        annotations[name] = _FIELD_TYPES[option.kind]
+        default: Any = None
         setattr(cls, name, field(default=default, metadata=metadata))
     cls.__annotations__ = annotations
     return cls
@@ -101,8 +98,9 @@ class SLNBTrainingArguments(TrainingArguments):
 
     The fields are ``slnb_<name>`` for every option of :data:`hf_slnb.config.OPTIONS` but
     ``lr`` and ``weight_decay``, which are the Trainer's own ``--learning_rate`` and
-    ``--weight_decay``. ``slnb_preset`` defaults to ``"graft"``; every other field defaults to
-    ``None``, the preset's value (nothing is passed to SLNB). When ``--learning_rate`` is left
+    ``--weight_decay``. Every field defaults to ``None``: nothing is passed to SLNB, so the
+    preset is the model's (``'whitened'`` for a transformer, ``'graft'`` otherwise) and every
+    other option the preset's value. When ``--learning_rate`` is left
     at its default and lr is a trust-region radius (``--slnb_preset paper``), SLNB's default lr
     is used (see the README). A key given in ``--optim_args`` overrides the ``slnb_*`` field of
     the same name (a warning says so when the field was set too).
@@ -115,8 +113,9 @@ class SLNBTrainingArguments(TrainingArguments):
     )
     learning_rate: float = field(
         default=5e-5,
-        metadata={"help": "The initial learning rate. With --optim slnb's default preset "
-                  "('graft') it is an Adam-like step, as for AdamW. With --slnb_preset paper it is "
+        metadata={"help": "The initial learning rate. With --optim slnb's presets 'whitened' "
+                  "(the default for a transformer: it steps at 10x this lr, its map from AdamW's) "
+                  "and 'graft' it is the lr AdamW would be given. With --slnb_preset paper it is "
                   "SLNB's trust-region radius (the length of each update in the metric), and left "
                   f"at 5e-05 (Adam's default) the paper's lr ({PRESETS['paper'].lr}) is used "
                   "instead."},

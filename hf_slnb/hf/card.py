@@ -9,20 +9,25 @@ from typing import Any
 from transformers.training_args import TrainingArguments
 
 from .. import PAPER_URL
+from ..binding import default_preset_for
 from .args import HF_OPTIONS, resolved_config, slnb_optimizer_kwargs
 
 _CARD_BEGIN = "<!-- hf_slnb:begin -->"
 _CARD_END = "<!-- hf_slnb:end -->"
 
 
-def card_hyperparameters(args: TrainingArguments) -> dict[str, Any]:
-    """The SLNB hyperparameters that acted in a run with ``args`` (given or the preset's).
+def card_hyperparameters(args: TrainingArguments, model: Any = None) -> dict[str, Any]:
+    """The SLNB hyperparameters that acted in a run with ``args`` (given or the preset's) on
+    ``model`` (which picks the preset when none is given; without it, the default preset).
 
     ``lr`` and ``weight_decay`` are the Trainer's. Options that do nothing under the resolved
     configuration (:meth:`hf_slnb.config.SLNBConfig.inactive`, e.g. the conjugate-gradient
     options with ``diagonal_only=True``) are left out.
     """
-    config = resolved_config({**slnb_optimizer_kwargs(args), "lr": args.learning_rate,
+    kwargs = slnb_optimizer_kwargs(args)
+    if model is not None and kwargs.get("preset") is None:
+        kwargs["preset"] = default_preset_for(model)
+    config = resolved_config({**kwargs, "lr": args.learning_rate,
                               "weight_decay": args.weight_decay})
     inactive = config.inactive()
     values: dict[str, Any] = {"lr": config.lr, "weight_decay": config.weight_decay}
@@ -62,6 +67,10 @@ def describe_update(values: dict[str, Any]) -> str:
     if rule == "orth":
         step = ("The whitened layers' update has RMS 0.2 `lr` (Moonlight's match to AdamW); "
                 "every other parameter takes Adam's step at `lr`: one lr, AdamW's.")
+    if values["lr_scale"] != 1.0:
+        step = step.replace("`lr`", "`lr_scale * lr`").replace(": one lr, AdamW's.", ".") + (
+            f" Every step is taken at `lr_scale * lr` = {values['lr_scale']:g} x {values['lr']:g}"
+            " (weight decay too); `lr` is the one AdamW would be given.")
     elif rule == "global":
         step = ("The whole update is one step of metric length `lr` (a trust-region radius), "
                 "as published.")
@@ -76,17 +85,17 @@ def describe_update(values: dict[str, Any]) -> str:
     return f"{direction} {step}"
 
 
-def optimizer_line(args: TrainingArguments) -> str:
+def optimizer_line(args: TrainingArguments, model: Any = None) -> str:
     """The card's ``optimizer`` hyperparameter: SLNB and the hyperparameters that acted."""
-    params = ", ".join(f"{k}={v!r}" for k, v in card_hyperparameters(args).items())
+    params = ", ".join(f"{k}={v!r}" for k, v in card_hyperparameters(args, model).items())
     return f"SLNB (Simple Linear Neuron Boosting, {PAPER_URL}) with {params}"
 
 
-def model_card_section(args: TrainingArguments) -> str:
+def model_card_section(args: TrainingArguments, model: Any = None) -> str:
     """The markdown section that says what SLNB did in a run, for its model card."""
     from .. import __version__
 
-    values = card_hyperparameters(args)
+    values = card_hyperparameters(args, model)
     rows = "\n".join(f"| `{k}` | `{v!r}` |" for k, v in values.items())
     return (
         f"{_CARD_BEGIN}\n"
@@ -115,7 +124,7 @@ def add_to_model_card(trainer: Any) -> None:
     text = re.sub(re.escape(_CARD_BEGIN) + r".*?" + re.escape(_CARD_END) + r"\n?", "", text,
                   flags=re.DOTALL).rstrip("\n")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"{text}\n\n{model_card_section(trainer.args)}")
+        f.write(f"{text}\n\n{model_card_section(trainer.args, trainer.model)}")
 
 
 __all__ = ["add_to_model_card", "card_hyperparameters", "describe_update", "model_card_section",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers.training_args import TrainingArguments
 
+from ..config import DEFAULT_PRESET
 from ..optimizer import SLNB
 from ..step_rules import step_rule
 from .args import OPTIM_NAME, resolved_option, slnb_optimizer_kwargs
@@ -83,7 +84,8 @@ def _validate(args: TrainingArguments) -> None:
         with warnings.catch_warnings():  # advice is given once, when the real optimizer is built
             warnings.simplefilter("ignore")
             optimizer = SLNB(probe.parameters(), model=probe, lr=args.learning_rate,
-                             weight_decay=args.weight_decay, **kwargs)
+                             weight_decay=args.weight_decay,
+                             **{"preset": DEFAULT_PRESET, **kwargs})
     except ValueError as err:
         raise ValueError(f"--optim slnb: {err}") from None
     optimizer.remove_hooks()
@@ -96,24 +98,11 @@ def _lr_is_radius(args: TrainingArguments) -> bool:
 
 def _resolve_learning_rate(args: TrainingArguments) -> None:
     """Replace a learning rate left at the class default (an Adam step) by SLNB's default lr
-    where lr is a radius; where the rule is ``orth`` (the whitened preset), keep it and say
-    that its best lr has been 10x AdamW's."""
+    where lr is a radius; where it is an Adam-like step (every other rule, with the whitened
+    preset's ``lr_scale`` mapping AdamW's lr onto its own) keep it, as AdamW would."""
     fields = getattr(type(args), "__dataclass_fields__", {})
     spec = fields.get("learning_rate")
-    if spec is None or args.learning_rate != spec.default:
-        return
-    if resolved_option("trust_region", slnb_optimizer_kwargs(args)) == "orth":
-        if _rank_zero():
-            logger.warning(
-                "--optim slnb: --learning_rate was not given, so the orthogonalising preset "
-                "steps at the Trainer's default %g as AdamW would. Its best lr has been 10x "
-                "AdamW's best (BENCHMARKS.md: 1e-2 pretraining where AdamW's was 1e-3, 1e-3 "
-                "fine-tuning where it was 1e-4), and at AdamW's own lr it lost to AdamW on two "
-                "of three tasks: pass --learning_rate, 3-10x the one you would give AdamW.",
-                spec.default,
-            )
-        return
-    if not _lr_is_radius(args):
+    if spec is None or args.learning_rate != spec.default or not _lr_is_radius(args):
         return
     lr = resolved_option("lr", slnb_optimizer_kwargs(args))
     args.learning_rate = lr

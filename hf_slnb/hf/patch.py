@@ -165,7 +165,7 @@ def _trainer_log(self: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -
 def _extract_hyperparameters(trainer: Any) -> dict[str, Any]:
     hyperparameters = getattr(_extract_hyperparameters, _WRAPPED)(trainer)
     if _is_slnb(getattr(trainer.args, "optim", None)) and "optimizer" in hyperparameters:
-        hyperparameters["optimizer"] = optimizer_line(trainer.args)
+        hyperparameters["optimizer"] = optimizer_line(trainer.args, trainer.model)
     return hyperparameters
 
 
