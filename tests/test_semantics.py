@@ -89,14 +89,17 @@ def _tiny_gpt2(seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).double()
 
 
+@pytest.mark.parametrize("options", [{"preset": "graft", "diagonal_only": False},
+                                     {"preset": "whitened", "whiten_every": 2}],
+                         ids=["graft_pcg", "whitened"])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_counts_once(reentrant: bool) -> None:
+def test_gradient_checkpointing_counts_once(reentrant: bool, options: dict) -> None:
     a, b = _tiny_gpt2(), _tiny_gpt2()
     enable_checkpointing(b, use_reentrant=reentrant)
     a.train()
     b.train()
-    oa = SLNB(a.parameters(), model=a, preset="graft", diagonal_only=False)
-    ob = SLNB(b.parameters(), model=b, preset="graft", diagonal_only=False)
+    oa = SLNB(a.parameters(), model=a, **options)
+    ob = SLNB(b.parameters(), model=b, **options)
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
         ids = torch.randint(0, 40, (3, 12), generator=g)
