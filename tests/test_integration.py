@@ -304,6 +304,19 @@ def test_default_learning_rate_becomes_slnb_default(tmp_path: Path, caplog) -> N
                     optim_args="preset=paper").learning_rate == paper_lr
 
 
+def test_options_of_either_default_pass_the_arguments_and_the_model_decides(
+        tmp_path: Path) -> None:
+    """Without a preset, the arguments (no model yet) accept what either default takes; the
+    optimizer, built with the model, refuses what its preset does not, naming the preset."""
+    with pytest.raises(ValueError, match=r"--optim slnb: Invalid cg_iters=-1"):
+        args_for(tmp_path, optim_args="cg_iters=-1")  # no preset takes it
+    args = args_for(tmp_path, optim_args="diagonal_only=false")  # graft's PCG: a CNN's default
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_data())
+    with pytest.raises(ValueError, match=r"trust_region comes from preset 'whitened'.*"
+                                         r"pass preset='graft'"):
+        trainer.train()
+
+
 def _final_loss(tmp_path: Path, optim: str) -> float:
     model = tiny_gpt2(seed=1)
     args = args_for(tmp_path / optim, optim=optim, max_steps=40, per_device_train_batch_size=8,

@@ -35,16 +35,21 @@ _NO_ARGPARSE_DEFAULT = "%(default).0s"
 def resolved_config(kwargs: dict[str, Any]) -> SLNBConfig:
     """The configuration :class:`~hf_slnb.SLNB` will run with these keyword arguments.
 
+    Without a preset (the model's, unknown here) it is the transformer default's, or the other
+    default's where only that one accepts the options.
+
     Raises:
         ValueError: For an unknown preset or option or a bad value, prefixed ``--optim slnb:``.
     """
     given = {k: v for k, v in kwargs.items() if v is not None}
-    preset = given.pop("preset", DEFAULT_PRESET)
-    try:
-        config, _ = resolve(preset, **given)
-    except ValueError as err:
-        raise ValueError(f"--optim slnb: {err}") from None
-    return config
+    presets = [given.pop("preset")] if "preset" in given else [DEFAULT_PRESET, FALLBACK_PRESET]
+    first: ValueError | None = None
+    for preset in presets:
+        try:
+            return resolve(preset, **given)[0]
+        except ValueError as err:
+            first = first or err
+    raise ValueError(f"--optim slnb: {first}") from None
 
 
 def resolved_option(name: str, kwargs: dict[str, Any]) -> Any:

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from transformers.training_args import TrainingArguments
 
-from ..config import DEFAULT_PRESET
 from ..optimizer import SLNB
 from ..step_rules import step_rule
-from .args import OPTIM_NAME, resolved_option, slnb_optimizer_kwargs
+from .args import OPTIM_NAME, resolved_config, resolved_option, slnb_optimizer_kwargs
 
 # The logger keeps the name it had when this code was hf_slnb/integration.py, so logging
 # configured for it (and tests capturing it) still sees these messages.
@@ -77,15 +76,19 @@ def _check_setup(args: TrainingArguments) -> None:
 
 
 def _validate(args: TrainingArguments) -> None:
-    """Raise the :class:`SLNB` constructor's own ``ValueError`` for a bad option, before training."""
+    """Raise the :class:`SLNB` constructor's own ``ValueError`` for a bad option, before training.
+
+    Without a preset the model picks one, and the model is not known yet: the options are
+    checked under the default that accepts them (:func:`resolved_config`); the optimizer, built
+    with the model, refuses the rest with the same message."""
     kwargs = slnb_optimizer_kwargs(args, warn=True)
+    kwargs["preset"] = resolved_config(kwargs).preset
     probe = torch.nn.Linear(1, 1)
     try:
         with warnings.catch_warnings():  # advice is given once, when the real optimizer is built
             warnings.simplefilter("ignore")
             optimizer = SLNB(probe.parameters(), model=probe, lr=args.learning_rate,
-                             weight_decay=args.weight_decay,
-                             **{"preset": DEFAULT_PRESET, **kwargs})
+                             weight_decay=args.weight_decay, **kwargs)
     except ValueError as err:
         raise ValueError(f"--optim slnb: {err}") from None
     optimizer.remove_hooks()
