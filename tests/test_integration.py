@@ -513,6 +513,9 @@ def test_model_card_names_slnb(tmp_path: Path) -> None:
     ("preset=graft,diagonal_only=false", ("cg_iters", "ridge", "norm_decay",
                                           "conjugate-gradient"),
      ("min_norm",)),
+    # lr_scale rescales whatever step rule's sentence (the rule's own, not another's)
+    ("preset=graft,lr_scale=3", ("each output row", "`lr_scale * lr` = 3 x"), ()),
+    ("preset=whitened,lr_scale=1", ("RMS 0.2 `lr`", "one lr, AdamW's"), ("min_norm",)),
 ])
 def test_model_card_lists_what_acted(tmp_path: Path, optim_args: str, present: tuple,
                                      absent: tuple) -> None:

@@ -67,10 +67,6 @@ def describe_update(values: dict[str, Any]) -> str:
     if rule == "orth":
         step = ("The whitened layers' update has RMS 0.2 `lr` (Moonlight's match to AdamW); "
                 "every other parameter takes Adam's step at `lr`: one lr, AdamW's.")
-    if values["lr_scale"] != 1.0:
-        step = step.replace("`lr`", "`lr_scale * lr`").replace(": one lr, AdamW's.", ".") + (
-            f" Every step is taken at `lr_scale * lr` = {values['lr_scale']:g} x {values['lr']:g}"
-            " (weight decay too); `lr` is the one AdamW would be given.")
     elif rule == "global":
         step = ("The whole update is one step of metric length `lr` (a trust-region radius), "
                 "as published.")
@@ -82,6 +78,10 @@ def describe_update(values: dict[str, Any]) -> str:
         step = (f"The step length of {where} is Adam's (Adam grafting, beta2 "
                 f"{values['norm_decay']:g}, eps {values['eps']:g}), so `lr` is an Adam-like "
                 "step; parameters outside linear layers (norms, scalars) take Adam's step.")
+    if values["lr_scale"] != 1.0:
+        step = step.replace("`lr`", "`lr_scale * lr`").replace(": one lr, AdamW's.", ".") + (
+            f" Every step is taken at `lr_scale * lr` = {values['lr_scale']:g} x {values['lr']:g}"
+            " (weight decay too); `lr` is the one AdamW would be given.")
     return f"{direction} {step}"
 
 
