@@ -90,8 +90,7 @@ def _add_option_fields(cls: type) -> type:
         if option.choices is not None:
             metadata["choices"] = list(option.choices)
         annotations[name] = _FIELD_TYPES[option.kind]
-        default: Any = None
-        setattr(cls, name, field(default=default, metadata=metadata))
+        setattr(cls, name, field(default=None, metadata=metadata))
     cls.__annotations__ = annotations
     return cls
 
