@@ -190,6 +190,7 @@ class ModelBinding:
                     if bank is None or bank.grams is None:  # the capture held its own
                         n.bank_gram.copy_(cap.gram)
                     cap.gram = n.bank_gram
+        self._want_inputs()
         self._arenas_stale = True
 
     # -- parameters replaced after construction ---------------------------------------------------
@@ -237,6 +238,11 @@ class ModelBinding:
         hooks.remove(self._handles, self._hooks)
         self.clear_captures()
 
+    def _want_inputs(self) -> None:
+        """Tell each layer's hook whether the next step reads its input (host flags)."""
+        for n in self.neurons:
+            n.wanted = self.direction.wants_input(n, self.steps_taken)
+
     def clear_captures(self) -> None:
         """Drop the inputs captured since the last step."""
         for n in self.neurons:
@@ -247,7 +253,7 @@ class ModelBinding:
         if not self._hooks:
             return
         for n in self.neurons:
-            if not n.captured and n.weight.grad is not None and (
+            if not n.captured and n.wanted and n.weight.grad is not None and (
                     n.name not in self._uncaptured_warned):
                 self._uncaptured_warned.add(n.name)
                 warnings.warn(

@@ -39,7 +39,8 @@ class Checkpointing:
         self._flush_skips()
         self._publish_state()
         out = super().state_dict()  # type: ignore[misc]
-        saved = {"format": STATE_FORMAT, **self.config.record(), "skipped_steps": self.skipped_steps}
+        saved = {"format": STATE_FORMAT, **self.config.record(), "skipped_steps": self.skipped_steps,
+                 "steps_taken": self.steps_taken}
         for group in out["param_groups"]:  # copies: the live groups are untouched
             group[SAVED] = dict(saved)
         return out
@@ -71,6 +72,8 @@ class Checkpointing:
         if saved is not None:
             self.skipped_steps = int(saved.get("skipped_steps", 0))
             self._skips.skipped = self.skipped_steps  # type: ignore[attr-defined]
+            # Older records lack it: their steps all read the inputs (cov_every came later).
+            self.steps_taken = int(saved.get("steps_taken", 0))
         if changed:
             warnings.warn(
                 "SLNB.load_state_dict: the checkpoint's hyperparameters replace this optimizer's "
@@ -78,6 +81,7 @@ class Checkpointing:
                 "optimizer.param_groups[i][key] after load_state_dict.", UserWarning,
                 stacklevel=2)
         self._loaded()  # type: ignore[attr-defined]
+        self._want_inputs()  # type: ignore[attr-defined]
 
     def _check_saved_options(self, saved: dict[str, Any] | None,
                              states: dict[Any, dict[str, Any]]) -> None:

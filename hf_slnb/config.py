@@ -244,6 +244,16 @@ OPTIONS: tuple[Option, ...] = (
            "C^-1/2 for direction='whitened_orth' (an eigendecomposition on the CPU, "
            "Newton-Schulz on accelerators), integer >= 1.", _positive, acts=_whitening,
            why_not="only direction='whitened_orth' keeps an inverse root"),
+    Option("cov_every", int, "steps between updates of each layer's input covariance for "
+           "direction='whitened_orth': the layers' inputs are captured (x x^T and the feature "
+           "sums) in one step of every cov_every, the first included, and the covariance EMA "
+           "takes one update then (decay 0.95 per update); the steps in between orthogonalise "
+           "with the inverse roots as they stand, and their forward and backward passes do none "
+           "of SLNB's capture work (except under torch.compile, whose graph captures every "
+           "step; the step ignores it). The inverse roots are refreshed at every ceil("
+           "whiten_every / cov_every)-th update. The covariance changes slowly, so a sample of "
+           "the steps can serve. Integer >= 1 (1: every step).", _positive, acts=_whitening,
+           why_not="only direction='whitened_orth' keeps an input covariance"),
     Option("cov_rows", int, "at most this many input positions (tokens) per forward, evenly "
            "strided (a stride coprime to the sequence length, so every position of a sequence "
            "is sampled alike), enter the x x^T and the feature sums of a layer with "
@@ -334,6 +344,7 @@ class SLNBConfig:
     orth_dtype: str = "auto"
     orth_split: bool = True
     whiten_every: int = 10
+    cov_every: int = 1
     cov_rows: int = 0
     max_block: int = 256
     diagonal_only: bool = True

@@ -111,6 +111,8 @@ class CaptureHook:
         kwargs = rest[0] if len(rest) == 2 else {}
         output = rest[-1] if rest else None
         compiling = _is_compiling()
+        if not (neuron.wanted or compiling):  # the coming step reads none of its input (a
+            return  # compiled graph captures anyway: it must not depend on the step)
         if self.source == HIDDEN:
             if not compiling:  # under torch.compile a functional head is not fed (documented)
                 self._capture_hidden(neuron, output)

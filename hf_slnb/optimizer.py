@@ -24,7 +24,7 @@ from .config import (
     resolve,
 )
 from .directions import direction_for
-from .functional import SkipLog, nonfinite_flags
+from .functional import SkipLog, cpu_path, nonfinite_flags
 from .layout import StateLayout
 from .slabs import Arena
 from .step import StepContext
@@ -99,6 +99,9 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         self.direction = direction_for(config)
         self.rule = step_rule(config.trust_region)(config)
         self.skipped_steps = 0
+        #: Steps taken (a host count, saved with the options): the index of the next step,
+        #: which decides the inputs it reads (``cov_every``).
+        self.steps_taken = 0
         self._skips = SkipLog()
         self._last: dict[str, Any] = {}
         self._arenas: list[Arena] = []
@@ -198,7 +201,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         live = self._screen(params)
         ctx = StepContext(self._arenas, self.banks, frozenset(map(id, params)),
                           live, self._group_of_param, counts, self._shard_group,
-                          self.process_group)
+                          self.process_group, self.steps_taken)
         self.rule.before(ctx)  # reads the raw gradients, which ctx.momentum overwrites
         ctx.momentum()
         self.direction.compute(ctx)
@@ -207,6 +210,8 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             metric_norm(ctx, self.config.min_norm)
         self._apply(params, ctx)
         self._end_step(ctx)
+        self.steps_taken += 1
+        self._want_inputs()
         return loss
 
     def _begin_step(self) -> list[Tensor]:
@@ -248,16 +253,27 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         grads = [distributed.local(p.grad) for p in params]  # type: ignore[arg-type]
         caps = [b.sums for b in self.banks]
         checked = [t for t in grads + caps if t.numel() > 0]
-        flags = nonfinite_flags(checked)
+        names, copies = self._screen_plan(params)
+        for dst, idx in copies:
+            torch._foreach_copy_(dst, [grads[i] for i in idx])
+        if self._shard_group is None and all(cpu_path(a.device) for a in self._arenas) and (
+                self._arenas) and all(cpu_path(t.device) for t in caps):
+            # The CPU reads a flag freely: first the arenas' whole copies and the sums, a few
+            # ops for every tensor at once; tensor by tensor only when one is not finite (or
+            # when the copy of a parameter without a gradient left one so).
+            whole = [a.grad for a in self._arenas] + [t for t in caps if t.numel() > 0]
+            if bool(nonfinite_flags(whole).any()):
+                flags = nonfinite_flags(checked)
+            else:
+                flags = torch.zeros(len(checked), dtype=torch.bool)
+        else:
+            flags = nonfinite_flags(checked)
         if self._shard_group is not None:  # every rank must skip, or none
             flags = flags.to(torch.float32)
             distributed.all_reduce_sum([flags], self._shard_group)
             flags = flags > 0
-        names, copies = self._screen_plan(params)
         self._skips.record(flags, names)
         live = flags.any().logical_not()
-        for dst, idx in copies:
-            torch._foreach_copy_(dst, [grads[i] for i in idx])
         if flags.device.type == "cpu":
             self._report_skips(self._skips.poll())
         return live
@@ -316,7 +332,9 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         """Publish new statistics, zero the captured sums, keep the diagnostics' raw material."""
         for bank in ctx.banks:
             for n in bank.neurons:
-                if n.captured and not getattr(n, "has_stats", False):
+                # A layer whose input this step does not read (cov_every, orth_rest='adam')
+                # publishes its statistics as they stand, as one that captured does.
+                if (n.captured or not n.wanted) and not getattr(n, "has_stats", False):
                     n.has_stats = True
                     self._publish_neuron(n)
         sums = [b.sums for b in self.banks]

@@ -44,12 +44,13 @@ class StepContext:
         counts: Bank id -> ``(L,)`` input and ``(L,)`` output positions (on the device).
         shard_group: The FSDP2 process group (``None`` if nothing is sharded).
         data_group: The data-parallel process group (``None``: the default group, if any).
+        index: The optimizer's count of steps taken before this one.
     """
 
     def __init__(self, arenas: list[Arena], banks: list[Bank], stepped: frozenset[int],
                  live: Tensor, groups: dict[int, dict[str, Any]],
                  counts: dict[int, tuple[Tensor, Tensor]], shard_group: object | None,
-                 data_group: object | None = None) -> None:
+                 data_group: object | None = None, index: int = 0) -> None:
         self.arenas, self.live = arenas, live
         self.groups, self.counts, self.shard_group = groups, counts, shard_group
         self.data_group = data_group
@@ -90,6 +91,13 @@ class StepContext:
             self._slab_of[id(bank)] = (ws, bs)
             self._row_dims[id(ws)] = bank.neurons[0].row_dims
         self.captured = {id(b): b.all_captured() for b in self.banks}
+        #: The optimizer's count of steps taken before this one (a host number).
+        self.index = index
+
+    def take_all(self, bank: Bank) -> None:
+        """Every layer of ``bank`` takes its direction this step, captured or not (a direction
+        that reads no input this step: ``cov_every``)."""
+        self.captured[id(bank)] = True
 
     # -- momentum --------------------------------------------------------------------------------
     def momentum(self) -> None:

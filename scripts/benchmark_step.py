@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -195,10 +196,12 @@ def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
 
 def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq: int) -> None:
     """Step time of every spec, interleaved step by step in one process, per model: the median
-    forward + backward (no periodic work there, and the median drops the shared machine's
-    stalls, which a mean over a few multi-second steps does not: one MiniLM run's forward and
-    backward took 4.5 to 5.7 s from step to step) plus the mean ``optimizer.step()`` (so that
-    periodic work, such as an inverse root every 10 steps, counts at its share)."""
+    forward + backward (the median drops the shared machine's stalls, which a mean over a few
+    multi-second steps does not: one MiniLM run's forward and backward took 4.5 to 5.7 s from
+    step to step; where an SLNB spec captures its inputs in one step of ``cov_every``, the
+    median of each phase of that period, averaged over the phases) plus the mean
+    ``optimizer.step()`` (so that periodic work, such as an inverse root every 10 steps, counts
+    at its share)."""
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}x{seq}, "
           f"{steps} steps after 2 warm-up steps, interleaved: median forward+backward + mean "
           "step()")
@@ -220,7 +223,11 @@ def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq
                 if i >= 2:
                     times[k][0].append(t1 - t0)
                     times[k][1].append(time.perf_counter() - t1)
-        parts = [(statistics.median(fb), statistics.fmean(st)) for fb, st in times]
+        # SLNB with cov_every=k captures in one step of k: the median of each phase of the
+        # steps (their index modulo the specs' common period), averaged over the phases.
+        period = math.lcm(*(getattr(getattr(o, "config", None), "cov_every", 1) for o in opts))
+        parts = [(statistics.fmean(statistics.median(fb[r::period]) for r in range(period)),
+                  statistics.fmean(st)) for fb, st in times]
         total = [fb + st for fb, st in parts]
         print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in total) + " | " +
               " | ".join(f"{t / total[0]:.2f}" for t in total[1:]) + " |", flush=True)

@@ -201,7 +201,7 @@ def test_optim_args_parse_types() -> None:
                               "comma-separated key=value pairs")),
         ("ridge=0.1,", "Invalid --optim_args item ''"),
         ("rigde=0.1", ("Invalid --optim_args key 'rigde' for --optim slnb: must be one of "
-                       "cg_iters, cg_tol, cov_rows, diagonal_only, ")),  # ... every option, sorted
+                       "cg_iters, cg_tol, cov_every, cov_rows, diagonal_only, ")),  # ... sorted
         ("ridge=abc", ("Invalid --optim_args value ridge='abc' for --optim slnb: must be a "
                        "finite number.")),
         ("ridge=nan", "Invalid --optim_args value ridge='nan' for --optim slnb: must be a finite"),

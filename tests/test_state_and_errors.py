@@ -147,9 +147,9 @@ def test_state_dict_records_the_options_in_every_group() -> None:
             "norm_decay": 0.999, "direction": "pcg", "orth_layers": "blocks",
             "orth_rest": "adam", "lr_scale": 1.0,
             "metric_backend": "auto", "min_norm": 1e-2, "orth_dtype": "auto", "orth_split": True,
-            "whiten_every": 10,
+            "whiten_every": 10, "cov_every": 1,
             "cov_rows": 0, "max_block": 256,
-            "eps": 1e-8, "cg_tol": 1e-5, "skipped_steps": 0}
+            "eps": 1e-8, "cg_tol": 1e-5, "skipped_steps": 0, "steps_taken": 0}
     assert all("slnb" not in g for g in opt.param_groups)  # the live groups are untouched
     opt.load_state_dict(_save_load(sd))
     assert all("slnb" not in g for g in opt.param_groups)

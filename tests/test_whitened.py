@@ -574,7 +574,7 @@ def test_whiten_every_sets_when_the_inverse_root_is_refreshed(every: int) -> Non
 
     torch.manual_seed(0)
     lin = nn.Linear(4, 3).double()
-    opt = SLNB(lin.parameters(), model=lin, preset="whitened", whiten_every=every)
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", whiten_every=every, cov_every=1)
     cov = torch.zeros(4, 4, dtype=D)
     for step in range(4):
         x = torch.randn(30, 4, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=D) + step
@@ -867,8 +867,8 @@ def test_an_input_wider_than_max_block_is_whitened_in_diagonal_blocks(shape, max
 
     torch.manual_seed(0)
     lin = nn.Linear(shape[1], shape[0]).double()
-    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-3, whiten_every=2, max_block=max_block)
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", cov_every=1, momentum=0.0,
+               weight_decay=0.0, lr=1e-3, whiten_every=2, max_block=max_block)
     _steps_match_the_dense_definition(lin, opt, steps=4, rows=60, spread=(0.3, 3.0), every=2,
                                       widths=widths)
 
@@ -893,8 +893,8 @@ def test_square_layers_take_the_spectral_form_on_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(W, "whitened_orth_gram", spy)
     torch.manual_seed(0)
     lin = nn.Linear(6, 6).double()
-    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-3, whiten_every=1)
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", cov_every=1, momentum=0.0,
+               weight_decay=0.0, lr=1e-3, whiten_every=1)
     _steps_match_the_dense_definition(lin, opt, steps=2, rows=30, spread=(0.5, 2.0), every=1)
     assert calls == [((1, 6, 6), True)] * 2
 
@@ -952,8 +952,8 @@ def test_the_gram_form_serves_long_layers_and_its_inverse_follows_the_refresh() 
 
     torch.manual_seed(0)
     lin = nn.Linear(12, 4).double()
-    opt = SLNB(lin.parameters(), model=lin, preset="whitened", momentum=0.0, weight_decay=0.0,
-               lr=1e-3, whiten_every=2)
+    opt = SLNB(lin.parameters(), model=lin, preset="whitened", cov_every=1, momentum=0.0,
+               weight_decay=0.0, lr=1e-3, whiten_every=2)
     calls = []
     real = W.whitened_orth_gram
 
@@ -983,14 +983,19 @@ class _MLPBlock(torch.nn.Module):
         return x + self.mix(self.down(torch.tanh(self.up(x))))
 
 
-@pytest.mark.parametrize("dtype,max_block", [(torch.float32, 1024), (torch.float64, 1024),
-                                             (torch.float32, 5)])
-def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype, max_block: int) -> None:
+@pytest.mark.parametrize("dtype,max_block,cov_every", [
+    (torch.float32, 1024, 1), (torch.float64, 1024, 1), (torch.float32, 5, 1),
+    (torch.float32, 1024, 3), (torch.float64, 5, 3)])
+def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype, max_block: int,
+                                                   cov_every: int) -> None:
     """Save after 4 steps, load into a fresh optimizer, go on for 4 steps (a refresh of the
     roots at step 6 in between, ``whiten_every=3``): the parameters equal, bit for bit, those of
     the run that never stopped. The cached ``C⁻¹`` is rebuilt from the loaded roots. With
     ``max_block=5`` every layer keeps blocks (6 features: 2 of 3; 16: 4 of 4), and an optimizer
-    built with another ``max_block`` refuses the checkpoint, naming it."""
+    built with another ``max_block`` refuses the checkpoint, naming it. With ``cov_every=3``
+    the covariances update at steps 0, 3 and 6 (a refresh at each): the resumed optimizer
+    takes its count of steps from the checkpoint, so it captures at step 6, not at its own
+    fourth."""
     import copy
 
     from hf_slnb import SLNB
@@ -1010,7 +1015,7 @@ def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype, max_block
             opt.zero_grad()
 
     options = {"preset": "whitened", "whiten_every": 3, "cov_rows": 24, "lr": 1e-2,
-               "max_block": max_block}
+               "max_block": max_block, "cov_every": cov_every}
     net = make().to(dtype)
     opt = SLNB(net.parameters(), model=net, **options)
     run(net, opt, range(4))
@@ -1021,6 +1026,7 @@ def test_whitened_resumes_exactly_across_a_refresh(dtype: torch.dtype, max_block
     other.load_state_dict(saved_net)
     fresh = SLNB(other.parameters(), model=other, **options)
     fresh.load_state_dict(saved_opt)
+    assert fresh.steps_taken == 4
     run(other, fresh, range(4, 8))
     for (name, a), b in zip(net.named_parameters(), other.parameters()):
         assert torch.equal(a, b), name
@@ -1048,7 +1054,7 @@ def test_a_bank_updates_its_covariances_in_chunks_of_layers(monkeypatch, chunk_l
                                         for lo in range(0, 3, chunk_layers)]
     torch.manual_seed(0)
     layers = nn.ModuleList(nn.Linear(d, d) for _ in range(3)).double()
-    opt = SLNB(layers.parameters(), model=layers, preset="whitened", momentum=0.0,
+    opt = SLNB(layers.parameters(), model=layers, preset="whitened", cov_every=1, momentum=0.0,
                weight_decay=0.0, lr=1e-3, whiten_every=2)
     covs = [torch.zeros(d, d, dtype=D) for _ in layers]
     roots = list(covs)
@@ -1102,3 +1108,98 @@ def test_a_layer_fed_by_a_layernorm_is_orthogonalised_stably_in_float32() -> Non
     unit = step / step.norm()
     assert float((unit - u / u.norm()).norm()) < 1e-3, float((unit - u / u.norm()).norm())
     assert abs(float(step.norm() / u.norm()) - 1) < 1e-2, float(step.norm() / u.norm())
+
+
+def test_cov_every_updates_the_covariance_in_one_step_of_k() -> None:
+    """``cov_every=2``: the inputs of steps 0, 2 and 4 enter the covariance EMA (one update
+    each, bias-corrected by the updates' count) and the root is refreshed at each
+    (``whiten_every=2``: every update); steps 1 and 3 capture nothing (no hook work, no
+    warning) and orthogonalise with the root as it stands. The stored covariance, the root and
+    each step's weight update equal a dense float64 computation, ``orth(G R) R`` at Muon's
+    size with ``R`` the inverse root of the damped covariance; the head beside the block, which
+    takes Adam's step, never captures."""
+    import warnings
+
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ModuleList([nn.Linear(4, 3)]), nn.Linear(3, 2)).double()
+    lin, head = net[0][0], net[1]
+    opt = SLNB(net.parameters(), model=net, preset="whitened", cov_every=2, whiten_every=2,
+               momentum=0.0, weight_decay=0.0, lr=1e-3)
+    cov, updates, root = torch.zeros(4, 4, dtype=D), 0, torch.eye(4, dtype=D)
+    for step in range(5):
+        x = torch.randn(30, 4, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=D) + step
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            head(lin(x)).pow(2).mean().backward()
+            captured = {n.name: n.capture is not None for n in opt.neurons}
+            assert captured == {"0.0": step % 2 == 0, "1": False}, step
+            before, g = lin.weight.detach().clone(), lin.weight.grad.clone()
+            opt.step()
+        opt.zero_grad()
+        if step % 2 == 0:
+            m = x.mean(0)
+            cov = 0.95 * cov + 0.05 * (x.T @ x / 30 - torch.outer(m, m))
+            updates += 1
+            damped = cov / (1 - 0.95 ** updates)
+            damped = damped + 0.1 * torch.trace(damped) / 4 * torch.eye(4, dtype=D)
+            root = _dense_inv_sqrt(damped)
+        o = W.orthogonalize_ns5(g @ root)
+        u = o @ root
+        u = u * torch.linalg.matrix_norm(o) / torch.linalg.matrix_norm(u) * 0.2 * 2.0
+        torch.testing.assert_close(lin.weight.detach(), before - 1e-2 * u, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(opt.state[lin.weight]["input_cov"], cov, rtol=1e-9,
+                                   atol=1e-12)
+        torch.testing.assert_close(opt.state[lin.weight]["input_inv_sqrt"], root, rtol=1e-8,
+                                   atol=1e-10)
+    assert opt.steps_taken == 5
+    opt.remove_hooks()
+    with pytest.raises(ValueError, match=r"Invalid cov_every=0: must be an integer >= 1"):
+        SLNB(net.parameters(), model=net, preset="whitened", cov_every=0)
+    with pytest.warns(UserWarning, match=r"cov_every=2 \(only direction='whitened_orth' keeps"):
+        SLNB(net.parameters(), model=net, preset="graft", cov_every=2)
+
+
+class _TwinBlock(torch.nn.Module):
+    """q and k read one input; o, of their shape, reads another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.o = (torch.nn.Linear(5, 5) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.o(torch.tanh(self.q(x) * self.k(x)))
+
+
+def test_layers_reading_one_input_share_one_decomposition(monkeypatch) -> None:
+    """q and k read one input, so their covariances are equal bit for bit: the CPU refresh
+    decomposes each such run of layers once (2 matrices per block, not 3), and every layer's
+    root is still the dense inverse root of its own damped covariance."""
+    from hf_slnb import SLNB
+
+    sizes = []
+    eigh = W.inverse_root_eigh
+    monkeypatch.setattr(W, "inverse_root_eigh", lambda c, *a: sizes.append(len(c)) or eigh(c, *a))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.ModuleList([_TwinBlock(), _TwinBlock()])).double()
+    opt = SLNB(net.parameters(), model=net, preset="whitened", whiten_every=1, cov_every=1)
+    for step in range(3):
+        x = torch.randn(20, 5, dtype=D) * torch.linspace(0.5, 2.0, 5, dtype=D) + step
+        for block in net[0]:
+            x = block(x)
+        x.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sizes == [4, 4, 4]  # one bank of 6 layers: q/k once, o once, per block
+    for block in net[0]:
+        for layer in (block.q, block.k, block.o):
+            state = opt.state[layer.weight]
+            c = state["input_cov"] / (1 - 0.95 ** 3)
+            c = c + 0.1 * torch.trace(c) / 5 * torch.eye(5, dtype=D)
+            torch.testing.assert_close(state["input_inv_sqrt"], _dense_inv_sqrt(c), rtol=1e-8,
+                                       atol=1e-10)
+        assert torch.equal(opt.state[block.q.weight]["input_cov"],
+                           opt.state[block.k.weight]["input_cov"])

@@ -290,6 +290,8 @@ class Bank:
         self.decays = torch.tensor(decays, dtype=torch.float64, device=device).reshape(1, 2, 1)
         self.weights_ema = (1.0 - self.decays).to(dtype)
         self.has_bias = neurons[0].bias is not None
+        #: ``(L,)`` all true: the mask of a step in which every layer takes its direction.
+        self.all_layers = torch.ones(L, dtype=torch.bool, device=device)
         self.layout: Any = None  # hf_slnb.sharding: set by the optimizer
         self.sol: tuple[Tensor, ...] | None = None  # PCG warm starts (w, b) stacks
         #: This step's ``x^T x`` sums ``(L, d, d)`` (upper blocks), for directions that need
@@ -375,6 +377,7 @@ class Neuron:
     gram_rows = 0  # positions per input that enter x^T x (0: all; cov_rows for whitened_orth)
     gram_blocks = 1  # diagonal blocks of x^T x kept (max_block for whitened_orth: input_gram)
     needs_moments = False  # whether its capture keeps x^T x (set by the optimizer's binding)
+    wanted = True  # whether the coming step reads its input (else its hook captures nothing)
     supports_explicit = True
     supports_matrix_free = True
 
