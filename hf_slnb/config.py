@@ -242,7 +242,9 @@ OPTIONS: tuple[Option, ...] = (
            why_not=_ORTH_ONLY + "orthogonalises"),
     Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "
            "C^-1/2 for direction='whitened_orth' (an eigendecomposition on the CPU, "
-           "Newton-Schulz on accelerators), integer >= 1.", _positive, acts=_whitening,
+           "Newton-Schulz on accelerators; with cov_every > 1 at the covariance's updates: "
+           "the largest multiple of cov_every up to it, at least cov_every), integer >= 1.",
+           _positive, acts=_whitening,
            why_not="only direction='whitened_orth' keeps an inverse root"),
     Option("cov_every", int, "steps between updates of each layer's input covariance for "
            "direction='whitened_orth': the layers' inputs are captured (x x^T and the feature "
@@ -250,9 +252,12 @@ OPTIONS: tuple[Option, ...] = (
            "takes one update then (decay 0.95 per update); the steps in between orthogonalise "
            "with the inverse roots as they stand, and their forward and backward passes do none "
            "of SLNB's capture work (except under torch.compile, whose graph captures every "
-           "step; the step ignores it). The inverse roots are refreshed at every ceil("
-           "whiten_every / cov_every)-th update. The covariance changes slowly, so a sample of "
-           "the steps can serve. Integer >= 1 (1: every step).", _positive, acts=_whitening,
+           "step; the step ignores it). The inverse roots are refreshed at every floor("
+           "whiten_every / cov_every)-th update (at least every update): no root is older than "
+           "whiten_every steps. The covariance changes slowly: 'whitened' "
+           "takes 3, at the losses of 1 on all four benchmarks (BENCHMARKS.md, issue 13, round 15), "
+           "for a third of the capture work (5 lost 0.008 on GPT-2). Integer >= 1 (1: every "
+           "step).", _positive, acts=_whitening,
            why_not="only direction='whitened_orth' keeps an input covariance"),
     Option("cov_rows", int, "at most this many input positions (tokens) per forward, evenly "
            "strided (a stride coprime to the sequence length, so every position of a sequence "
@@ -397,9 +402,10 @@ PRESETS: dict[str, SLNBConfig] = {
     # Issue 13: Muon in whitened coordinates on the hidden matrices, Adam elsewhere; lr is AdamW's.
     # cov_rows=512: the same losses on GPT-2, the Llama and MiniLM as every row (round 5).
     # lr_scale=10: its best lr was 10x AdamW's on every task (round 13), so lr is AdamW's own.
+    # cov_every=3: the inputs of one step in three, the same losses on every task (round 15).
     "whitened": SLNBConfig(preset="whitened", lr=1e-3, lr_scale=10.0, direction="whitened_orth",
                            diagonal_only=False, trust_region="orth", weight_decay=0.01,
-                           cov_rows=512),
+                           cov_rows=512, cov_every=3),
 }
 
 

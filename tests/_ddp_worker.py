@@ -80,7 +80,8 @@ def main(out: str, backend: str, micro: int) -> None:
         direction = "diag_whitened_orth" if backend.startswith("diag_") else "whitened_orth"
         opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2,
                    orth_layers="hidden", orth_split=backend.removeprefix("diag_") == "split",
-                   direction=direction)
+                   direction=direction,  # whitened_orth: a refresh every second step
+                   **({} if backend.startswith("diag_") else {"cov_every": 1}))
     elif backend == "whitened":  # the whitened preset, a refresh of its roots every second step
         opt = SLNB(model.parameters(), model=model, preset="whitened", lr=1e-2, whiten_every=2)
     elif backend == "whitened_blocks":  # its inputs whitened in blocks of at most 16 features

@@ -1157,6 +1157,14 @@ def test_cov_every_updates_the_covariance_in_one_step_of_k() -> None:
                                    atol=1e-10)
     assert opt.steps_taken == 5
     opt.remove_hooks()
+    # No root older than whiten_every steps: refreshes every floor(whiten_every / cov_every)
+    # updates, at least every update.
+    for whiten_every, cov_every, updates in ((10, 1, 10), (10, 3, 3), (10, 4, 2), (2, 3, 1),
+                                             (12, 4, 3)):
+        other = SLNB(net.parameters(), model=net, preset="whitened", whiten_every=whiten_every,
+                     cov_every=cov_every)
+        assert other.direction.refresh_every == updates
+        other.remove_hooks()
     with pytest.raises(ValueError, match=r"Invalid cov_every=0: must be an integer >= 1"):
         SLNB(net.parameters(), model=net, preset="whitened", cov_every=0)
     with pytest.warns(UserWarning, match=r"cov_every=2 \(only direction='whitened_orth' keeps"):
