@@ -486,7 +486,9 @@ def inverse_roots_once(damped: Tensor) -> Tensor:
     consecutive layers whose matrices are equal, bit for bit: the layers that read one input
     (a Llama's or BERT's q/k/v, a Llama's gate/up) keep one covariance, and sit side by side in
     their bank. The same roots as one ``eigh`` per layer; on the 0.9M Llama 12 decompositions
-    of 128 features instead of 24. (A host comparison per layer: the CPU's alone.)"""
+    of 128 features instead of 24. (A host comparison per layer: the CPU's own path alone.)"""
+    if not cpu_path(damped.device):  # the CPU standing in for an accelerator: no host read
+        return W.inverse_root_eigh(damped)[0]
     same = [i for i in range(1, len(damped)) if torch.equal(damped[i], damped[i - 1])]
     if not same:
         return W.inverse_root_eigh(damped)[0]

@@ -61,12 +61,17 @@ def test_batched_bank_equals_one_optimizer_per_layer(options: dict) -> None:
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
 
 
-@pytest.mark.parametrize("preset", ["graft", "paper"])
-def test_step_hooks_and_forward_make_no_host_sync(preset: str) -> None:
-    """0 syncs in forward, backward and step (counted by aten dispatch; a count is stable)."""
+@pytest.mark.parametrize("preset,warmup", [("graft", 2), ("paper", 2), ("whitened", 2),
+                                           ("whitened", 3), ("whitened", 9)])
+def test_step_hooks_and_forward_make_no_host_sync(preset: str, warmup: int) -> None:
+    """0 syncs in forward, backward and step (counted by aten dispatch; a count is stable);
+    for ``whitened`` (``cov_every=3``, roots every third update) in a step that reads no input
+    (the third), in one that does (the fourth) and in one that also refreshes the roots (the
+    tenth)."""
     bench = load_script("benchmark_step")
-    row = bench.count_step("gpt2-2l", f"slnb{'' if preset == 'graft' else '-paper'}", batch=2,
-                           seq=8, vocab=64, micro=2, warmup=2, slnb_args={})
+    row = bench.count_step("gpt2-2l", f"slnb{'-paper' if preset == 'paper' else ''}", batch=2,
+                           seq=8, vocab=64, micro=2, warmup=warmup,
+                           slnb_args={} if preset == "paper" else {"preset": preset})
     assert all(not row["syncs"][phase] for phase in row["syncs"]), row["sync_sites"]
     assert row["ops"]["step"] > 0
 
