@@ -9,10 +9,10 @@ line (see ``tests/test_composability.py``, which adds a toy one).
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-import math
 
 import torch
 from torch import Tensor
@@ -262,43 +262,51 @@ class WhitenedOrth(Direction):
             if not self.applies(bank):
                 self.rest(ctx, bank)
                 continue
-            if not self.updates_covariance(ctx.index):  # cov_every: no input was read, and
-                root = self.whitening(bank)[1]  # every layer takes its root as it stands
+            owner = owners.get(id(bank))
+            if self.updates_covariance(ctx.index):
+                active = self.update_covariance(ctx, bank, owner)
+                if active is None:
+                    continue  # identity: h = g
+            else:  # cov_every: no input was read; every layer takes its root as it stands
                 ctx.take_all(bank)
-                self.set_direction(ctx, bank, bank.all_layers,
-                                   lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows),
-                                   owners.get(id(bank)))
-                continue
-            if not ctx.captured[id(bank)] or bank.grams is None:
-                continue  # identity: h = g
-            stats = ctx.statistics(bank)
-            cov, root = self.whitening(bank)  # (L, k, b, b): k diagonal blocks of width b
-            L, k, b = cov.shape[:3]
-            counts = ctx.counts[id(bank)][0]  # (L, 1, 1)
-            keep = stats.active & ctx.live
-            mask = not (cpu_path(keep.device) and bool(keep.all()))  # the CPU reads it freely
-            refresh = bank.whiten_steps % self.refresh_every == 0  # host counter: no sync
-            bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)[..., None]
-            sum_x = bank.sum_x  # (L, d), as the blocks' (L, k, b), zero-padded
-            if k * b != sum_x.shape[-1]:
-                sum_x = torch.nn.functional.pad(sum_x, (0, k * b - sum_x.shape[-1]))
-            sum_x = sum_x.view(L, k, b)
-            # Batched over the bank's layers, in chunks whose (l, k, b, b) temporaries stay
-            # under COV_CHUNK_BYTES: a few ops per chunk, not per layer, and a bounded temporary.
-            for rows in layer_chunks(L, b, cov.element_size(), k):
-                c = symmetrize_(bank.grams[rows])  # this step's x xᵀ sums, in place: the
-                # bank's sums are zeroed after the step
-                W.centre_(c, sum_x[rows], counts[rows])
-                # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
-                if mask:
-                    torch.where(keep[rows, None, None, None], c, cov[rows], out=c)
-                cov[rows].lerp_(c, 1.0 - self.decay)
-            if refresh:
-                self.refresh(ctx, bank, bias, owners.get(id(bank)))
-            bank.whiten_steps += 1
-            self.set_direction(ctx, bank, stats.active,
+                active = bank.all_layers
+            root = self.whitening(bank)[1]
+            self.set_direction(ctx, bank, active,
                                lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows),
-                               owners.get(id(bank)))
+                               owner)
+
+    def update_covariance(self, ctx: StepContext, bank: Bank, owner: int | None
+                          ) -> Tensor | None:
+        """This step's ``x xᵀ`` into the bank's covariance EMAs (the roots refreshed when due);
+        the ``(L,)`` mask of layers with input, or ``None`` where the bank saw none."""
+        if not ctx.captured[id(bank)] or bank.grams is None:
+            return None
+        stats = ctx.statistics(bank)
+        cov = self.whitening(bank)[0]  # (L, k, b, b): k diagonal blocks of width b
+        L, k, b = cov.shape[:3]
+        counts = ctx.counts[id(bank)][0]  # (L, 1, 1)
+        keep = stats.active & ctx.live
+        mask = not (cpu_path(keep.device) and bool(keep.all()))  # the CPU reads it freely
+        refresh = bank.whiten_steps % self.refresh_every == 0  # host counter: no sync
+        bias = 1.0 - self.decay ** bank.stat_step.clamp(min=1.0).to(cov.dtype)[..., None]
+        sum_x = bank.sum_x  # (L, d), as the blocks' (L, k, b), zero-padded
+        if k * b != sum_x.shape[-1]:
+            sum_x = torch.nn.functional.pad(sum_x, (0, k * b - sum_x.shape[-1]))
+        sum_x = sum_x.view(L, k, b)
+        # Batched over the bank's layers, in chunks whose (l, k, b, b) temporaries stay
+        # under COV_CHUNK_BYTES: a few ops per chunk, not per layer, and a bounded temporary.
+        for rows in layer_chunks(L, b, cov.element_size(), k):
+            c = symmetrize_(bank.grams[rows])  # this step's x xᵀ sums, in place: the
+            # bank's sums are zeroed after the step
+            W.centre_(c, sum_x[rows], counts[rows])
+            # A layer outside ``keep`` takes its own covariance: lerp(C, C, w) is C exactly.
+            if mask:
+                torch.where(keep[rows, None, None, None], c, cov[rows], out=c)
+            cov[rows].lerp_(c, 1.0 - self.decay)
+        if refresh:
+            self.refresh(ctx, bank, bias, owner)
+        bank.whiten_steps += 1
+        return stats.active
 
     @property
     def refresh_every(self) -> int:
@@ -489,17 +497,11 @@ def inverse_roots_once(damped: Tensor) -> Tensor:
     of 128 features instead of 24. (A host comparison per layer: the CPU's own path alone.)"""
     if not cpu_path(damped.device):  # the CPU standing in for an accelerator: no host read
         return W.inverse_root_eigh(damped)[0]
-    same = [i for i in range(1, len(damped)) if torch.equal(damped[i], damped[i - 1])]
-    if not same:
+    new = [i == 0 or not torch.equal(damped[i], damped[i - 1]) for i in range(len(damped))]
+    if all(new):
         return W.inverse_root_eigh(damped)[0]
-    repeats = set(same)
-    first = [i for i in range(len(damped)) if i not in repeats]
-    owner, index = -1, []
-    for i in range(len(damped)):
-        owner += i not in repeats
-        index.append(owner)
-    roots = W.inverse_root_eigh(damped[first])[0]
-    return roots[torch.tensor(index, device=damped.device)]
+    roots = W.inverse_root_eigh(damped[[i for i, first in enumerate(new) if first]])[0]
+    return roots[[k - 1 for k in itertools.accumulate(new)]]  # each layer: its run's root
 
 
 def bank_inverse(bank: Bank) -> Tensor:
