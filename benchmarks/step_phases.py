@@ -46,6 +46,7 @@ timed(step.StepContext, "__init__", "context")
 timed(step.StepContext, "momentum", "momentum")
 timed(step.StepContext, "statistics", "statistics")
 timed(step_rules.AdamGraft, "before", "rule.before")
+timed(step_rules.OrthAdam, "before", "rule.before")
 timed(step_rules.OrthAdam, "updates", "rule.updates")
 timed(step_rules, "metric_norm", "metric_norm")
 optimizer.metric_norm = step_rules.metric_norm

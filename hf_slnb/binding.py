@@ -259,8 +259,8 @@ class ModelBinding:
                 warnings.warn(
                     f"SLNB: layer {n.name!r} got a gradient but SLNB never saw its input (the "
                     "layer was used functionally, e.g. through F.linear(x, layer.weight), or ran "
-                    "in eval mode or under torch.no_grad()); it gets the identity metric. Call "
-                    "the module itself, or add it to skip_modules to silence this."
+                    f"in eval mode or under torch.no_grad()); {self.direction.without_input(n)}. "
+                    "Call the module itself, or add it to skip_modules to silence this."
                     + _compiled_hint(), UserWarning, stacklevel=5)
 
     def _reduce_captures(self) -> dict[int, tuple[Tensor, Tensor]]:

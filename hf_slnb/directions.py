@@ -79,6 +79,16 @@ class Direction:
         ``neuron``'s captured input: its forwards and backwards capture nothing otherwise."""
         return True
 
+    def without_input(self, neuron: Any) -> str:
+        """What a layer whose input was never seen takes (for the warning that says so)."""
+        return "it gets the identity metric"
+
+    def always_directed(self, ctx: StepContext) -> frozenset[int]:
+        """Ids of the weight slabs whose every layer takes this direction on every step, with
+        input or without: a step rule that copies directions (``orth``) keeps no Adam moment
+        for them (:class:`hf_slnb.step_rules.OrthAdam`)."""
+        return frozenset()
+
     def commit(self, bank: Bank, h: Stack, mask: Tensor) -> None:
         """Keep what the next step needs (a warm start), for the layers in ``mask``."""
 
@@ -264,23 +274,29 @@ class WhitenedOrth(Direction):
                 continue
             owner = owners.get(id(bank))
             if self.updates_covariance(ctx.index):
-                active = self.update_covariance(ctx, bank, owner)
-                if active is None:
-                    continue  # identity: h = g
-            else:  # cov_every: no input was read; every layer takes its root as it stands
-                ctx.take_all(bank)
-                active = bank.all_layers
+                self.update_covariance(ctx, bank, owner)
+            # Every layer takes its root as it stands, with input this step or without (Muon
+            # orthogonalises every momentum): its step never falls back to Adam's.
+            ctx.take_all(bank)
             root = self.whitening(bank)[1]
-            self.set_direction(ctx, bank, active,
+            self.set_direction(ctx, bank, bank.all_layers,
                                lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows),
                                owner)
 
-    def update_covariance(self, ctx: StepContext, bank: Bank, owner: int | None
-                          ) -> Tensor | None:
-        """This step's ``x xᵀ`` into the bank's covariance EMAs (the roots refreshed when due);
-        the ``(L,)`` mask of layers with input, or ``None`` where the bank saw none."""
-        if not ctx.captured[id(bank)] or bank.grams is None:
-            return None
+    def always_directed(self, ctx: StepContext) -> frozenset[int]:
+        return frozenset(id(ctx.bank_slabs(b)[0]) for b in ctx.banks if self.applies(b))
+
+    def without_input(self, neuron: Any) -> str:
+        if not self.takes(neuron):
+            return super().without_input(neuron)
+        return ("it is orthogonalised with its input whitening as it stands (none until it "
+                "sees input: Muon's step)")
+
+    def update_covariance(self, ctx: StepContext, bank: Bank, owner: int | None) -> None:
+        """This step's ``x xᵀ`` into the covariance EMAs of the bank's layers with input (the
+        roots refreshed when due); nothing where none saw input."""
+        if bank.grams is None or not any(n.captured for n in bank.neurons):
+            return
         stats = ctx.statistics(bank)
         cov = self.whitening(bank)[0]  # (L, k, b, b): k diagonal blocks of width b
         L, k, b = cov.shape[:3]
@@ -306,7 +322,6 @@ class WhitenedOrth(Direction):
         if refresh:
             self.refresh(ctx, bank, bias, owner)
         bank.whiten_steps += 1
-        return stats.active
 
     @property
     def refresh_every(self) -> int:
@@ -393,7 +408,7 @@ class WhitenedOrth(Direction):
                 u = distributed.all_gather_shares(orth(m[rows], rows), len(m), ctx.data_group)
             else:
                 u = orth(m, slice(None))
-            u = u * self.size(m)
+            u = u.mul_(self.size(m))  # orth's result is its own temporary
             return (u if last else u.transpose(1, 2),)
 
         if owner is None:
@@ -425,7 +440,8 @@ class WhitenedOrth(Direction):
         r = root[rows, 0] if one else root[rows]
         if (m.device.type != "cpu" or dtype == torch.bfloat16
                 or not (short >= SPECTRAL_MIN or long >= GRAM_ASPECT * short)):
-            return W.whitened_orth(m, r, dtype=dtype)
+            cast = bank_root(bank, dtype) if root is bank.root else root.to(dtype)
+            return W.whitened_orth(m, cast[rows, 0] if one else cast[rows], dtype=dtype)
         inv = None
         if m.shape[1] <= m.shape[2]:
             inv = bank_inverse(bank)[rows]
@@ -443,6 +459,10 @@ class DiagWhitenedOrth(WhitenedOrth):
 
     name = "diag_whitened_orth"
     state_keys = ()
+
+    # A layer without input keeps g (Adam's step), as SLNB's other directions do.
+    always_directed = Direction.always_directed
+    without_input = Direction.without_input
 
     def needs_moments(self, neuron: Any) -> bool:
         return False
@@ -512,6 +532,18 @@ def bank_inverse(bank: Bank) -> Tensor:
         bank.inv = torch.matmul(bank.root, bank.root)
         bank.inv_key = key
     return bank.inv
+
+
+def bank_root(bank: Bank, dtype: torch.dtype) -> Tensor:
+    """The bank's inverse roots in ``dtype`` (bfloat16 for Newton-Schulz), cast once per refresh
+    and cached like :func:`bank_inverse` (the roots themselves in their own dtype)."""
+    if dtype == bank.root.dtype:
+        return bank.root
+    key = (bank.root._version, bank.root.data_ptr(), dtype)
+    if getattr(bank, "root_cast_key", None) != key:
+        bank.root_cast = bank.root.to(dtype)
+        bank.root_cast_key = key
+    return bank.root_cast
 
 
 def bank_whitening(bank: Bank, blocks: int = 1, width: int | None = None

@@ -202,6 +202,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         ctx = StepContext(self._arenas, self.banks, frozenset(map(id, params)),
                           live, self._group_of_param, counts, self._shard_group,
                           self.process_group, self.steps_taken)
+        ctx.always_directed = self.direction.always_directed(ctx)
         self.rule.before(ctx)  # reads the raw gradients, which ctx.momentum overwrites
         ctx.momentum()
         self.direction.compute(ctx)

@@ -61,6 +61,9 @@ class StepContext:
         #: Slabs whose direction a step rule that copies directions (``orth``) grafts to Adam's
         #: length per output row instead (``orth_rest='diagonal'``).
         self.grafted: set[int] = set()
+        #: Weight slabs whose every layer takes the direction on every step, with input or
+        #: without (:meth:`hf_slnb.directions.Direction.always_directed`, set by the optimizer).
+        self.always_directed: frozenset[int] = frozenset()
         self.residuals: list[Tensor] = []
         self.diagnostics: dict[str, Tensor | float] = {}
         self._stats: dict[int, Statistics] = {}

@@ -61,6 +61,14 @@ def _inners(ctx: StepContext) -> dict[int, Tensor]:
     return out
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b)`` of two equal-shape tensors, without the product's temporary where both
+    are contiguous."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    return (a * b).sum()
+
+
 def metric_norm(ctx: StepContext, min_norm: float) -> Tensor:
     """``n = sqrt(max(min_norm^2, sum_p <h, g>))`` over the parameters stepped now (also the
     ``slnb/step_norm`` diagnostic of every rule)."""
@@ -70,7 +78,7 @@ def metric_norm(ctx: StepContext, min_norm: float) -> Tensor:
         # saw no input) plus one dot over the rest of each arena's momenta (the identity
         # metric: <g, g>).
         for arena in ctx.arenas:
-            parts += [(ctx.h[id(s)] * ctx.g[id(s)]).sum() for s in arena.slabs if s.in_bank]
+            parts += [_dot(ctx.h[id(s)], ctx.g[id(s)]) for s in arena.slabs if s.in_bank]
             tail = arena.identity_tail()
             if tail is not None:
                 parts.append(torch.dot(tail, tail))
@@ -134,12 +142,24 @@ class AdamGraft(StepRule):
     element_keys = ("exp_avg_sq",)
 
     def before(self, ctx: StepContext) -> None:
+        self.second_moment(ctx)
+
+    def second_moment(self, ctx: StepContext, skip: frozenset[int] = frozenset()) -> None:
+        """Adam's ``v`` from the raw gradients, everywhere but the slabs whose ids are in
+        ``skip`` (whose ``v`` nothing reads: it stays as it is)."""
         for arena in ctx.arenas:  # the update buffer is free scratch until the step rule
-            v, sq = arena.buffers["exp_avg_sq"], arena.update
-            torch.mul(arena.grad, arena.grad, out=sq)
+            v, sq, grad = arena.buffers["exp_avg_sq"], arena.update, arena.grad
+            if any(id(s) in skip for s in arena.slabs):
+                pieces = list(zip(arena.spans(v, skip), arena.spans(sq, skip),
+                                  arena.spans(grad, skip)))
+            else:
+                pieces = [(v, sq, grad)]
+            for _, ss, gg in pieces:
+                torch.mul(gg, gg, out=ss)
             if not arena.all_live:  # skipped or gradient-free: v stays
                 torch.where(arena.live_elements, sq, v, out=sq)
-            v.lerp_(sq, 1.0 - self.config.norm_decay)
+            for vv, ss, _ in pieces:
+                vv.lerp_(ss, 1.0 - self.config.norm_decay)
 
     def updates(self, ctx: StepContext) -> None:
         self.adam(ctx)
@@ -202,6 +222,11 @@ class OrthAdam(AdamGraft):
     Adam's length per output row instead."""
 
     name = "orth"
+
+    def before(self, ctx: StepContext) -> None:
+        # No v for the weights that take the direction on every step (whitened_orth's): it
+        # would never be read. Their exp_avg_sq stays as it is (zero in a fresh run).
+        self.second_moment(ctx, ctx.always_directed)
 
     def updates(self, ctx: StepContext) -> None:
         banks = _bank_slabs(ctx)

@@ -84,18 +84,26 @@ def test_no_parameters_is_a_value_error() -> None:
         SLNB([], model=nn.Linear(2, 2))
 
 
-def test_step_norm_counts_a_layer_that_saw_no_input() -> None:
-    """A layer with no captured input takes the identity metric, so its <g, g> is part of
-    ``slnb/step_norm``, sqrt(sum_p <h, g>) (dense check; the whitened preset skips such a
-    layer's direction, which once left no term at all and failed)."""
+@pytest.mark.parametrize("preset", ["graft", "whitened"])
+def test_step_norm_counts_a_layer_that_saw_no_input(preset: str) -> None:
+    """A layer with no captured input is part of ``slnb/step_norm``, sqrt(sum_p <h, g>) (dense
+    check; a direction that skipped such a layer once left no term at all and failed): under
+    ``graft`` it takes the identity metric, ``h = g``; under ``whitened`` it is orthogonalised
+    with its whitening as it stands, the identity: ``h = orth(g)`` at RMS 0.2."""
+    from hf_slnb import whitened as W
+
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
-    opt = SLNB(m.parameters(), model=m, preset="whitened")
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).double()
+    opt = SLNB(m.parameters(), model=m, preset=preset)
     opt.remove_hooks()
-    (m(torch.randn(5, 3)) ** 3).sum().backward()
-    g = torch.cat([p.grad.detach().double().flatten() for p in m.parameters()])
+    (m(torch.randn(5, 3, dtype=torch.float64)) ** 3).sum().backward()
+    grads = [p.grad.detach().clone() for p in m.parameters()]
     opt.step()  # the first step's bias-corrected momentum is the gradient
-    torch.testing.assert_close(float(opt.diagnostics()["slnb/step_norm"]), g.norm().item())
+    h = grads[0]
+    if preset == "whitened":
+        h = W.orthogonalize_ns5(grads[0]) * 0.2 * 2.0  # RMS 0.2: 0.2 sqrt(max(4, 3))
+    total = (h * grads[0]).sum() + sum(g.pow(2).sum() for g in grads[1:])
+    torch.testing.assert_close(float(opt.diagnostics()["slnb/step_norm"]), total.sqrt().item())
 
 
 @pytest.mark.parametrize("preset", ["graft", "whitened"])

@@ -1171,6 +1171,107 @@ def test_cov_every_updates_the_covariance_in_one_step_of_k() -> None:
         SLNB(net.parameters(), model=net, preset="graft", cov_every=2)
 
 
+def test_an_orthogonalised_layer_without_input_keeps_its_whitening_and_no_adam_moment() -> None:
+    """A layer that ``whitened`` orthogonalises takes its orthogonalised step on every step:
+    on a step where its input is not seen (used functionally) it takes ``orth(G R) R`` at
+    Muon's size with its root ``R`` as it stands, its covariance unchanged, while the layer of
+    its bank that did see input updates its own. Adam's second moment is not kept for those
+    weights (their ``exp_avg_sq`` stays zero); the biases keep Adam's, ``v = (1 - b2) g²`` on
+    the first step. Dense float64 check."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 3)])).double()
+    a, b = net[0]
+    opt = SLNB(net.parameters(), model=net, preset="whitened", cov_every=1, whiten_every=1,
+               momentum=0.0, weight_decay=0.0, lr=1e-3)
+    covs = {id(a): torch.zeros(4, 4, dtype=D), id(b): torch.zeros(4, 4, dtype=D)}
+    roots = {id(a): torch.eye(4, dtype=D), id(b): torch.eye(4, dtype=D)}
+    for step in range(3):
+        x = torch.randn(30, 4, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=D) + step
+        functional = step == 1  # b's input unseen on the second step
+        out_b = F.linear(x, b.weight, b.bias) if functional else b(x)
+        (a(x).pow(2).mean() + out_b.sin().mean()).backward()
+        before = {id(m): m.weight.detach().clone() for m in (a, b)}
+        grads = {id(m): m.weight.grad.clone() for m in (a, b)}
+        bias_grad = b.bias.grad.clone()
+        if functional:
+            with pytest.warns(UserWarning, match=r"layer '0.1' got a gradient but SLNB never saw "
+                              r"its input .*it is orthogonalised with its input whitening as it "
+                              r"stands"):
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+        for m in (a, b):
+            if m is a or not functional:
+                mean = x.mean(0)
+                covs[id(m)] = 0.95 * covs[id(m)] + 0.05 * (x.T @ x / 30 - torch.outer(mean, mean))
+                seen = 2 if step == 2 and m is b else step + 1  # updates so far
+                damped = covs[id(m)] / (1 - 0.95 ** seen)
+                damped = damped + 0.1 * torch.trace(damped) / 4 * torch.eye(4, dtype=D)
+                roots[id(m)] = _dense_inv_sqrt(damped)
+            r, g = roots[id(m)], grads[id(m)]
+            o = W.orthogonalize_ns5(g @ r)
+            u = o @ r
+            u = u * torch.linalg.matrix_norm(o) / torch.linalg.matrix_norm(u) * 0.2 * 2.0
+            torch.testing.assert_close(m.weight.detach(), before[id(m)] - 1e-2 * u, rtol=1e-9,
+                                       atol=1e-12)
+            torch.testing.assert_close(opt.state[m.weight]["input_cov"], covs[id(m)],
+                                       rtol=1e-9, atol=1e-12)
+            assert not opt.state[m.weight]["exp_avg_sq"].any()
+        if step == 0:
+            torch.testing.assert_close(opt.state[b.bias]["exp_avg_sq"], 0.001 * bias_grad ** 2,
+                                       rtol=1e-12, atol=0)
+    opt.remove_hooks()
+
+
+def test_the_bfloat16_roots_follow_every_refresh_and_load(monkeypatch) -> None:
+    """With ``orth_dtype='bfloat16'`` the roots are cast once per refresh (cached by their
+    version counter): every step's whitening reads the roots as they stand, cast, across
+    refreshes (``whiten_every=2``) and after a checkpoint is loaded into a fresh optimizer."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+
+    seen = []
+    whitened_orth = W.whitened_orth
+
+    def spy(m, c_inv_sqrt, *args, **kwargs):
+        seen.append(c_inv_sqrt.clone())
+        return whitened_orth(m, c_inv_sqrt, *args, **kwargs)
+
+    monkeypatch.setattr(W, "whitened_orth", spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ModuleList([nn.Linear(6, 6)]))
+    lin = net[0][0]
+
+    def run(opt, steps):
+        for step in range(steps):
+            x = torch.randn(40, 6) * (1 + step)
+            lin(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            expected = opt.state[lin.weight]["input_inv_sqrt"].to(torch.bfloat16)
+            assert torch.equal(seen[-1][0], expected), step
+
+    opt = SLNB(net.parameters(), model=net, preset="whitened", orth_dtype="bfloat16",
+               cov_every=1, whiten_every=2)
+    run(opt, 5)
+    assert len({t.float().sum().item() for t in seen}) >= 3  # the roots changed
+    state = opt.state_dict()
+    opt.remove_hooks()
+    fresh = SLNB(net.parameters(), model=net, preset="whitened", orth_dtype="bfloat16",
+                 cov_every=1, whiten_every=2)
+    fresh.load_state_dict(state)
+    seen.clear()
+    run(fresh, 2)
+    fresh.remove_hooks()
+
+
 class _TwinBlock(torch.nn.Module):
     """q and k read one input; o, of their shape, reads another."""
 
