@@ -401,6 +401,8 @@ class WhitenedOrth(Direction):
         last = bank.neurons[0].feature_axis == 1
         split = self.splits(ctx, bank)
 
+        out = ctx.direct_out(bank) if owner is None else None
+
         def whole(g: Stack) -> Stack:
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
             if split:
@@ -408,6 +410,9 @@ class WhitenedOrth(Direction):
                 u = distributed.all_gather_shares(orth(m[rows], rows), len(m), ctx.data_group)
             else:
                 u = orth(m, slice(None))
+            if out is not None:  # straight into the update buffer: the rule copies nothing
+                torch.mul(u, self.size(m), out=out if last else out.transpose(1, 2))
+                return (out,)
             u = u.mul_(self.size(m))  # orth's result is its own temporary
             return (u if last else u.transpose(1, 2),)
 

@@ -203,6 +203,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
                           live, self._group_of_param, counts, self._shard_group,
                           self.process_group, self.steps_taken)
         ctx.always_directed = self.direction.always_directed(ctx)
+        ctx.taken_as_is = self.rule.taken_as_is(ctx)
         self.rule.before(ctx)  # reads the raw gradients, which ctx.momentum overwrites
         ctx.momentum()
         self.direction.compute(ctx)

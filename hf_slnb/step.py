@@ -64,6 +64,9 @@ class StepContext:
         #: Weight slabs whose every layer takes the direction on every step, with input or
         #: without (:meth:`hf_slnb.directions.Direction.always_directed`, set by the optimizer).
         self.always_directed: frozenset[int] = frozenset()
+        #: Weight slabs whose direction the step rule takes as it is (``orth``): the direction
+        #: may write it straight into the slab's update buffer (:meth:`direct_out`).
+        self.taken_as_is: frozenset[int] = frozenset()
         self.residuals: list[Tensor] = []
         self.diagnostics: dict[str, Tensor | float] = {}
         self._stats: dict[int, Statistics] = {}
@@ -177,6 +180,15 @@ class StepContext:
             self.h[id(slab)] = hh
             self.preconditioned[id(slab)] = active
             self._bank_of_slab[id(slab)] = bank
+
+    def direct_out(self, bank: Bank) -> Tensor | None:
+        """Where the bank's weight direction may be written, if the step rule takes it as it is
+        (:attr:`taken_as_is`) and the weights are not sharded: the stack of the slab's update
+        buffer (the rule then copies nothing). ``None`` otherwise."""
+        slab = self._slab_of[id(bank)][0]
+        if id(slab) not in self.taken_as_is or slab.sharded:
+            return None
+        return slab.stack(slab.arena.update)
 
     def set_slab_direction(self, bank: Bank, h: Tensor, active: Tensor) -> None:
         """The weights alone take ``h`` (the biases keep ``g``: the identity metric)."""

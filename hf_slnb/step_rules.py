@@ -48,6 +48,11 @@ class StepRule:
     def before(self, ctx: StepContext) -> None:
         """Arena-wide state updates from the (sanitised) gradients, before the directions."""
 
+    def taken_as_is(self, ctx: StepContext) -> frozenset[int]:
+        """Ids of the weight slabs whose update is their direction itself, unscaled: the
+        direction may write it into the update buffer (:meth:`StepContext.direct_out`)."""
+        return frozenset()
+
     def updates(self, ctx: StepContext) -> None:
         """Write ``u`` of every slab into ``ctx.arena.update``."""
         raise NotImplementedError
@@ -228,6 +233,9 @@ class OrthAdam(AdamGraft):
         # would never be read. Their exp_avg_sq stays as it is (zero in a fresh run).
         self.second_moment(ctx, ctx.always_directed)
 
+    def taken_as_is(self, ctx: StepContext) -> frozenset[int]:
+        return ctx.always_directed
+
     def updates(self, ctx: StepContext) -> None:
         banks = _bank_slabs(ctx)
         grafted = [s for s in banks if id(s) in ctx.grafted]
@@ -240,6 +248,8 @@ class OrthAdam(AdamGraft):
         for s in copied:
             out = s.stack(s.arena.update)
             u = ctx.h[id(s)]
+            if u is out:  # written there by the direction (StepContext.direct_out)
+                continue
             if ctx.all_captured(s):
                 out.copy_(u)
             else:

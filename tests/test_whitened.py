@@ -1246,12 +1246,12 @@ def test_the_bfloat16_roots_follow_every_refresh_and_load(monkeypatch) -> None:
 
     monkeypatch.setattr(W, "whitened_orth", spy)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.ModuleList([nn.Linear(6, 6)]))
+    net = nn.Sequential(nn.ModuleList([nn.Linear(6, 6)])).float()
     lin = net[0][0]
 
     def run(opt, steps):
         for step in range(steps):
-            x = torch.randn(40, 6) * (1 + step)
+            x = torch.randn(40, 6, dtype=torch.float32) * (1 + step)
             lin(x).pow(2).mean().backward()
             opt.step()
             opt.zero_grad()
