@@ -540,10 +540,15 @@ def bank_inverse(bank: Bank) -> Tensor:
 
 
 def bank_root(bank: Bank, dtype: torch.dtype) -> Tensor:
-    """The bank's inverse roots in ``dtype`` (bfloat16 for Newton-Schulz), cast once per refresh
-    and cached like :func:`bank_inverse` (the roots themselves in their own dtype)."""
+    """The bank's inverse roots in ``dtype`` (bfloat16 for Newton-Schulz; the roots themselves
+    in their own dtype). On the CPU cast once per refresh and cached like
+    :func:`bank_inverse`: 2 bytes per root entry held between steps for one cast per bank
+    fewer per step. On accelerators cast at each step: a cheap pass there, and memory is what
+    runs out first (the cache would hold half the roots' size again)."""
     if dtype == bank.root.dtype:
         return bank.root
+    if bank.root.device.type != "cpu":
+        return bank.root.to(dtype)
     key = (bank.root._version, bank.root.data_ptr(), dtype)
     if getattr(bank, "root_cast_key", None) != key:
         bank.root_cast = bank.root.to(dtype)

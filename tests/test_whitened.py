@@ -1230,9 +1230,10 @@ def test_an_orthogonalised_layer_without_input_keeps_its_whitening_and_no_adam_m
 
 
 def test_the_bfloat16_roots_follow_every_refresh_and_load(monkeypatch) -> None:
-    """With ``orth_dtype='bfloat16'`` the roots are cast once per refresh (cached by their
+    """With ``orth_dtype='bfloat16'`` the CPU casts the roots once per refresh (cached by their
     version counter): every step's whitening reads the roots as they stand, cast, across
-    refreshes (``whiten_every=2``) and after a checkpoint is loaded into a fresh optimizer."""
+    refreshes (``whiten_every=2``) and after a checkpoint is loaded into a fresh optimizer.
+    The cache is held on the CPU only."""
     from torch import nn
 
     from hf_slnb import SLNB
@@ -1269,6 +1270,7 @@ def test_the_bfloat16_roots_follow_every_refresh_and_load(monkeypatch) -> None:
     fresh.load_state_dict(state)
     seen.clear()
     run(fresh, 2)
+    assert all(getattr(b, "root_cast", None) is not None for b in fresh.banks)
     fresh.remove_hooks()
 
 
