@@ -278,10 +278,8 @@ class WhitenedOrth(Direction):
             # Every layer takes its root as it stands, with input this step or without (Muon
             # orthogonalises every momentum): its step never falls back to Adam's.
             ctx.take_all(bank)
-            root = self.whitening(bank)[1]
             self.set_direction(ctx, bank, bank.all_layers,
-                               lambda m, rows, b=bank, r=root: self.orthogonalise(b, m, r, rows),
-                               owner)
+                               lambda m, rows, b=bank: self.orthogonalise(b, m, rows), owner)
 
     def always_directed(self, ctx: StepContext) -> frozenset[int]:
         return frozenset(id(ctx.bank_slabs(b)[0]) for b in ctx.banks if self.applies(b))
@@ -425,8 +423,7 @@ class WhitenedOrth(Direction):
             h = distributed.scatter_rows_from(u, w, owner, ctx.shard_group, g)[None]
         ctx.set_slab_direction(bank, h, active)
 
-    def orthogonalise(self, bank: Bank, m: Tensor, root: Tensor,
-                      rows: slice = slice(None)) -> Tensor:
+    def orthogonalise(self, bank: Bank, m: Tensor, rows: slice = slice(None)) -> Tensor:
         """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``. On
         the CPU in float32 or float64, for layers whose short side is at least
         :data:`SPECTRAL_MIN` (any aspect) or that are at least :data:`GRAM_ASPECT` times longer
@@ -441,17 +438,18 @@ class WhitenedOrth(Direction):
         ``M C^{-1/2}``)."""
         dtype = self.orth_dtype(m)
         short, long = sorted(m.shape[1:])
-        one = root.shape[1] == 1  # one block: (l, d, d) matrices, else (l, k, b, b) blocks
+        self.whitening(bank)  # the roots (the identity before any input)
+        root = bank_root(bank, dtype)  # the rows' roots are r: (l, d, d) for one block,
+        one = root.shape[1] == 1  # else (l, k, b, b) blocks
         r = root[rows, 0] if one else root[rows]
         if (m.device.type != "cpu" or dtype == torch.bfloat16
                 or not (short >= SPECTRAL_MIN or long >= GRAM_ASPECT * short)):
-            cast = bank_root(bank, dtype) if root is bank.root else root.to(dtype)
-            return W.whitened_orth(m, cast[rows, 0] if one else cast[rows], dtype=dtype)
+            return W.whitened_orth(m, r, dtype=dtype)
         inv = None
         if m.shape[1] <= m.shape[2]:
             inv = bank_inverse(bank)[rows]
             inv = (inv[:, 0] if one else inv).to(dtype)
-        return W.whitened_orth_gram(m.to(dtype), r.to(dtype), inv, spectral=True).to(m.dtype)
+        return W.whitened_orth_gram(m.to(dtype), r, inv, spectral=True).to(m.dtype)
 
 
 class DiagWhitenedOrth(WhitenedOrth):

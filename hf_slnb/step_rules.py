@@ -58,6 +58,15 @@ class StepRule:
         raise NotImplementedError
 
 
+def _pieces(arena: Any, skip: frozenset[int], *flats: Tensor) -> list[tuple[Tensor, ...]]:
+    """The arena's persistent flat buffers ``flats`` outside the slabs whose ids are in
+    ``skip``, side by side: the whole buffers when none of its slabs is skipped, else one tuple
+    per run of the others (:meth:`hf_slnb.slabs.Arena.spans`)."""
+    if not any(id(s) in skip for s in arena.slabs):
+        return [flats]
+    return list(zip(*(arena.spans(flat, skip) for flat in flats)))
+
+
 def _inners(ctx: StepContext) -> dict[int, Tensor]:
     """``<h, g>`` per parameter, per slab ``(L,)``, summed over shards where sharded."""
     out = {id(s): torch.linalg.vecdot(ctx.h[id(s)].flatten(1), ctx.g[id(s)].flatten(1))
@@ -153,12 +162,8 @@ class AdamGraft(StepRule):
         """Adam's ``v`` from the raw gradients, everywhere but the slabs whose ids are in
         ``skip`` (whose ``v`` nothing reads: it stays as it is)."""
         for arena in ctx.arenas:  # the update buffer is free scratch until the step rule
-            v, sq, grad = arena.buffers["exp_avg_sq"], arena.update, arena.grad
-            if any(id(s) in skip for s in arena.slabs):
-                pieces = list(zip(arena.spans(v, skip), arena.spans(sq, skip),
-                                  arena.spans(grad, skip)))
-            else:
-                pieces = [(v, sq, grad)]
+            v, sq = arena.buffers["exp_avg_sq"], arena.update
+            pieces = _pieces(arena, skip, v, sq, arena.grad)
             for _, ss, gg in pieces:
                 torch.mul(gg, gg, out=ss)
             if not arena.all_live:  # skipped or gradient-free: v stays
@@ -176,11 +181,7 @@ class AdamGraft(StepRule):
         d, eps = self.config.norm_decay, self.config.eps
         for arena in ctx.arenas:
             u, v = arena.update, arena.buffers["exp_avg_sq"]
-            if not skip:
-                pieces = [(u, v, arena.grad)]
-            else:
-                pieces = list(zip(arena.spans(u, skip), arena.spans(v, skip),
-                                  arena.spans(arena.grad, skip)))
+            pieces = _pieces(arena, skip, u, v, arena.grad)
             if arena.uniform:
                 bc = bias_correction(d, arena.step0).to(arena.dtype)
                 for uu, vv, _ in pieces:
