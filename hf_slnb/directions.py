@@ -83,11 +83,16 @@ class Direction:
         """What a layer whose input was never seen takes (for the warning that says so)."""
         return "it gets the identity metric"
 
+    def directs_always(self, bank: Bank) -> bool:
+        """Whether every layer of ``bank`` takes this direction on every step, with input or
+        without: a step rule that copies directions (``orth``) keeps no Adam moment for its
+        weights (:class:`hf_slnb.step_rules.OrthAdam`). A fact of the bank and the options
+        (the arenas are laid out by it)."""
+        return False
+
     def always_directed(self, ctx: StepContext) -> frozenset[int]:
-        """Ids of the weight slabs whose every layer takes this direction on every step, with
-        input or without: a step rule that copies directions (``orth``) keeps no Adam moment
-        for them (:class:`hf_slnb.step_rules.OrthAdam`)."""
-        return frozenset()
+        """Ids of the weight slabs of the banks it :meth:`directs_always`."""
+        return frozenset(id(ctx.bank_slabs(b)[0]) for b in ctx.banks if self.directs_always(b))
 
     def commit(self, bank: Bank, h: Stack, mask: Tensor) -> None:
         """Keep what the next step needs (a warm start), for the layers in ``mask``."""
@@ -281,8 +286,8 @@ class WhitenedOrth(Direction):
             self.set_direction(ctx, bank, bank.all_layers,
                                lambda m, rows, b=bank: self.orthogonalise(b, m, rows), owner)
 
-    def always_directed(self, ctx: StepContext) -> frozenset[int]:
-        return frozenset(id(ctx.bank_slabs(b)[0]) for b in ctx.banks if self.applies(b))
+    def directs_always(self, bank: Bank) -> bool:
+        return self.applies(bank)
 
     def without_input(self, neuron: Any) -> str:
         if not self.takes(neuron):
@@ -464,7 +469,7 @@ class DiagWhitenedOrth(WhitenedOrth):
     state_keys = ()
 
     # A layer without input keeps g (Adam's step), as SLNB's other directions do.
-    always_directed = Direction.always_directed
+    directs_always = Direction.directs_always
     without_input = Direction.without_input
 
     def needs_moments(self, neuron: Any) -> bool:

@@ -57,7 +57,8 @@ class StateLayout:
 
     def _layout(self, members: list[Tensor]) -> list[Arena]:
         """Arenas of ``members``: banks' weights and biases first (aligned with the banks),
-        then the other parameters grouped by shape and group options."""
+        then the other parameters grouped by shape and group options, then the weights the
+        direction always takes where the rule keeps less state for them (``directed_keys``)."""
         groups_of = self._group_of_param
         mine = {id(p) for p in members}
         by_arena: dict[tuple[Any, ...], dict[tuple[Any, ...], list[Tensor]]] = {}
@@ -68,10 +69,18 @@ class StateLayout:
             by_arena.setdefault(arena_key, {}).setdefault(key, []).append(p)
             placed.add(id(p))
 
+        # The weights that always take their direction keep none of the rule's directed_keys
+        # (OrthAdam: no Adam moment): laid out last, so those buffers end before them.
+        sparse = self.rule.directed_keys
+        directed = []
         for bank in self.banks:  # a bias without gradients: the layers are bias-free
             if all(id(w) in mine for w in bank.weights):
-                for w in bank.weights:
-                    add(("bank", id(bank), "w"), w)
+                if sparse and self.direction.directs_always(bank):
+                    directed.append(bank)
+                    placed.update(map(id, bank.weights))
+                else:
+                    for w in bank.weights:
+                        add(("bank", id(bank), "w"), w)
                 if bank.has_bias and all(id(b) in mine and b.requires_grad for b in bank.biases):
                     for b in bank.biases:
                         add(("bank", id(bank), "b"), b)
@@ -80,12 +89,19 @@ class StateLayout:
                 shape = tuple(distributed.local(p).shape)
                 add(("plain", shape, groups_of[id(p)]["momentum"], distributed.is_dtensor(p)
                      and id(p)), p)
+        tails: dict[tuple[Any, ...], int] = {}
+        for bank in directed:
+            for w in bank.weights:
+                add(("bank", id(bank), "w"), w)
+            key = (stat_dtype(bank.weights[0].dtype), bank.weights[0].device)
+            tails[key] = tails.get(key, 0) + 1
         element_keys = ("momentum_buffer",) + self.rule.element_keys
         arenas = []
         for (dtype, device), slabs in by_arena.items():
             betas = [groups_of[id(p)]["momentum"] for ps in slabs.values() for p in ps]
             arenas.append(Arena(list(slabs.values()), list(slabs), betas, dtype, device,
-                                element_keys, self.rule.tensor_keys))
+                                element_keys, self.rule.tensor_keys, sparse,
+                                tails.get((dtype, device), 0)))
         return arenas
 
     def _publish_neuron(self, n: Any) -> None:

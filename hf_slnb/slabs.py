@@ -71,7 +71,9 @@ class Arena:
     Attributes:
         slabs: The slabs, in buffer order.
         params: Every parameter, in slab order (parameter ``i`` is row ``i`` of ``steps``).
-        buffers: Per-element state (``momentum_buffer``, optionally ``exp_avg_sq``), flat.
+        buffers: Per-element state (``momentum_buffer``, optionally ``exp_avg_sq``), flat. A
+            ``sparse`` key's buffer covers the slabs before the ``directed`` last ones only
+            (their parameters keep no such state): it is a prefix of the arena's layout.
         steps: Each parameter's step count ``(P,)`` (float64; ``state[p]["step"]`` is a view).
         metric_sq: The tensor step rule's per-tensor EMA ``(P,)`` (or ``None``).
         betas: Each parameter's momentum ``(P,)`` (float64).
@@ -79,7 +81,8 @@ class Arena:
 
     def __init__(self, slabs: list[list[Tensor]], keys: list[tuple[Any, ...]],
                  betas: list[float], dtype: torch.dtype, device: torch.device,
-                 element_keys: Sequence[str], per_tensor_keys: Sequence[str]) -> None:
+                 element_keys: Sequence[str], per_tensor_keys: Sequence[str],
+                 sparse: Sequence[str] = (), directed: int = 0) -> None:
         self.dtype, self.device = dtype, device
         self.slabs: list[Slab] = []
         self.params: list[Tensor] = []
@@ -93,8 +96,17 @@ class Arena:
         self.numel = offset
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.slab_of = {id(p): s for s in self.slabs for p in s.params}
+        #: The slabs laid out last whose parameters keep no ``sparse`` state (weights that
+        #: always take their direction, whose Adam moment nothing would read).
+        self.directed = frozenset(id(s) for s in self.slabs[len(self.slabs) - directed:]) \
+            if directed else frozenset()
+        #: Elements and parameters before them: a ``sparse`` buffer's length, and its params.
+        self.kept = self.slabs[-directed].offset if directed else offset
+        self.kept_params = self.slabs[-directed].lo if directed else len(self.params)
+        self.sparse = frozenset(sparse) if directed else frozenset()
         z = {"dtype": dtype, "device": device}
-        self.buffers = {k: torch.zeros(offset, **z) for k in element_keys}
+        self.buffers = {k: torch.zeros(self.kept if k in sparse else offset, **z)
+                        for k in element_keys}
         self.grad = torch.zeros(offset, **z)
         self.update = torch.zeros(offset, **z)
         P = len(self.params)
@@ -150,31 +162,40 @@ class Arena:
         return cache[key][1]  # is never reused
 
     def identity_tail(self) -> Tensor | None:
-        """The gradient scratch after the banks' slabs (laid out first): the parameters with
-        the identity metric, as one flat view (made once)."""
+        """The gradient scratch of the parameters with the identity metric, laid out in one
+        run (after the banks' slabs, before any ``directed`` ones), as one flat view (made
+        once)."""
         if not hasattr(self, "_tail"):
-            start = max((s.end for s in self.slabs if s.in_bank), default=0)
-            assert all(s.offset >= start for s in self.slabs if not s.in_bank)
-            self._tail = self.grad[start:] if start < self.numel else None
+            plain = [s for s in self.slabs if not s.in_bank]
+            start = plain[0].offset if plain else 0
+            end = plain[-1].end if plain else 0
+            assert all(s.end <= start or s.offset >= end for s in self.slabs if s.in_bank)
+            self._tail = self.grad[start:end] if start < end else None
         return self._tail
 
     def views(self, name: str) -> list[Tensor]:
-        """Per-parameter views (local shapes) of a flat buffer, made once."""
+        """Per-parameter views (local shapes) of a flat buffer, made once: of a ``sparse``
+        buffer, those of the first ``kept_params`` parameters (the ones that keep it)."""
         if name not in self._views:
             flat = self.grad if name == "grad" else self.update if name == "update" \
                 else self.buffers[name]
             out = []
             for slab in self.slabs:
-                out.extend(slab.stack(flat).unbind())
+                if name not in self.sparse or id(slab) not in self.directed:
+                    out.extend(slab.stack(flat).unbind())
             self._views[name] = out
         return self._views[name]
 
     # -- the state dict's entries ----------------------------------------------------------------
     def publish(self, state: Callable[[Tensor], dict[str, Any]]) -> None:
-        """Point ``state(p)``'s entries at this arena's views (DTensors for sharded ones)."""
+        """Point ``state(p)``'s entries at this arena's views (DTensors for sharded ones); the
+        ``directed`` parameters hold no ``sparse`` entry (one a load brought is dropped)."""
         for key in self.buffers:
-            for p, view in zip(self.params, self.views(key)):
+            views = self.views(key)
+            for p, view in zip(self.params, views):
                 state(p)[key] = _like(view, p)
+            for p in self.params[len(views):]:
+                state(p).pop(key, None)
         for i, p in enumerate(self.params):
             state(p)["step"] = self.steps[i]
             for key, vec in self.per_tensor.items():
@@ -182,6 +203,8 @@ class Arena:
 
     def adopt(self, state: Callable[[Tensor], dict[str, Any]]) -> bool:
         """Copy state entries that are not this arena's views (a load replaced them) back in.
+        A ``sparse`` entry of a ``directed`` parameter (an older checkpoint's unread Adam
+        moment) is not: :meth:`publish` drops it.
 
         Returns whether anything was copied (then :meth:`publish` re-points the entries).
         """

@@ -27,6 +27,9 @@ class StepRule:
     Attributes:
         name: The ``trust_region`` value that selects it.
         element_keys: Per-element state it keeps (flat arena buffers).
+        directed_keys: Those of ``element_keys`` it keeps none of for the weights that always
+            take their direction (:meth:`hf_slnb.directions.Direction.directs_always`): their
+            arenas' buffers end before those weights (:class:`hf_slnb.slabs.Arena`).
         tensor_keys: Per-tensor state it keeps (one number per parameter).
         lr_is_radius: ``lr`` is the metric length of the whole update (else an Adam-like step).
         per_row: Grafting per output row of each layer's weight.
@@ -34,6 +37,7 @@ class StepRule:
 
     name = ""
     element_keys: tuple[str, ...] = ()
+    directed_keys: tuple[str, ...] = ()
     tensor_keys: tuple[str, ...] = ()
     lr_is_radius = False
     per_row = False
@@ -60,11 +64,17 @@ class StepRule:
 
 def _pieces(arena: Any, skip: frozenset[int], *flats: Tensor) -> list[tuple[Tensor, ...]]:
     """The arena's persistent flat buffers ``flats`` outside the slabs whose ids are in
-    ``skip``, side by side: the whole buffers when none of its slabs is skipped, else one tuple
-    per run of the others (:meth:`hf_slnb.slabs.Arena.spans`)."""
+    ``skip`` (which holds the arena's ``directed`` ones), side by side: the whole buffers when
+    none of its slabs is skipped, else one tuple per run of the others
+    (:meth:`hf_slnb.slabs.Arena.spans`)."""
     if not any(id(s) in skip for s in arena.slabs):
         return [flats]
     return list(zip(*(arena.spans(flat, skip) for flat in flats)))
+
+
+def _prefix(flat: Tensor, n: int) -> Tensor:
+    """The first ``n`` elements of a flat buffer (itself when it has ``n``)."""
+    return flat if flat.numel() == n or flat.dim() == 0 else flat[:n]
 
 
 def _inners(ctx: StepContext) -> dict[int, Tensor]:
@@ -158,18 +168,17 @@ class AdamGraft(StepRule):
     def before(self, ctx: StepContext) -> None:
         self.second_moment(ctx)
 
-    def second_moment(self, ctx: StepContext, skip: frozenset[int] = frozenset()) -> None:
-        """Adam's ``v`` from the raw gradients, everywhere but the slabs whose ids are in
-        ``skip`` (whose ``v`` nothing reads: it stays as it is)."""
+    def second_moment(self, ctx: StepContext) -> None:
+        """Adam's ``v`` from the raw gradients, for the parameters that keep it: the arena's
+        first ``kept`` elements (all of them but the weights of :attr:`directed_keys`)."""
         for arena in ctx.arenas:  # the update buffer is free scratch until the step rule
-            v, sq = arena.buffers["exp_avg_sq"], arena.update
-            pieces = _pieces(arena, skip, v, sq, arena.grad)
-            for _, ss, gg in pieces:
-                torch.mul(gg, gg, out=ss)
+            v = arena.buffers["exp_avg_sq"]
+            n = v.numel()
+            sq, grad = _prefix(arena.update, n), _prefix(arena.grad, n)
+            torch.mul(grad, grad, out=sq)
             if not arena.all_live:  # skipped or gradient-free: v stays
-                torch.where(arena.live_elements, sq, v, out=sq)
-            for vv, ss, _ in pieces:
-                vv.lerp_(ss, 1.0 - self.config.norm_decay)
+                torch.where(_prefix(arena.live_elements, n), sq, v, out=sq)
+            v.lerp_(sq, 1.0 - self.config.norm_decay)
 
     def updates(self, ctx: StepContext) -> None:
         self.adam(ctx)
@@ -181,7 +190,7 @@ class AdamGraft(StepRule):
         d, eps = self.config.norm_decay, self.config.eps
         for arena in ctx.arenas:
             u, v = arena.update, arena.buffers["exp_avg_sq"]
-            pieces = _pieces(arena, skip, u, v, arena.grad)
+            pieces = _pieces(arena, skip | arena.directed, u, v, arena.grad)
             if arena.uniform:
                 bc = bias_correction(d, arena.step0).to(arena.dtype)
                 for uu, vv, _ in pieces:
@@ -189,7 +198,7 @@ class AdamGraft(StepRule):
             else:
                 bc = bias_correction(d, arena.steps)
                 for s, rows in zip(arena.slabs, ctx.split(arena, bc)):
-                    if id(s) not in skip:
+                    if id(s) not in skip and id(s) not in arena.directed:
                         torch.div(s.stack(v), per_layer(rows, s.stack(v)), out=s.stack(u))
             for uu, _, gg in pieces:
                 uu.sqrt_().add_(eps)
@@ -228,11 +237,9 @@ class OrthAdam(AdamGraft):
     Adam's length per output row instead."""
 
     name = "orth"
-
-    def before(self, ctx: StepContext) -> None:
-        # No v for the weights that take the direction on every step (whitened_orth's): it
-        # would never be read. Their exp_avg_sq stays as it is (zero in a fresh run).
-        self.second_moment(ctx, ctx.always_directed)
+    # No v for the weights that take the direction on every step (whitened_orth's): nothing
+    # would read it.
+    directed_keys = ("exp_avg_sq",)
 
     def taken_as_is(self, ctx: StepContext) -> frozenset[int]:
         return ctx.always_directed

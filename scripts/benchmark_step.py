@@ -235,11 +235,16 @@ def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq
             f"{s} {fb:.3f} / {st:.3f}" for s, (fb, st) in zip(specs, parts)), flush=True)
 
 
-def held_bytes(opt: Any) -> int:
+def held_bytes(opt: Any, scratch: bool = True) -> int:
     """Bytes of every distinct storage an optimizer holds between steps (the model's parameters
     aside): its state, and for SLNB its arenas and its banks' tensors (covariances, roots, the
-    step's ``x xᵀ`` sums, the cached ``C⁻¹``)."""
+    step's ``x xᵀ`` sums, the cached ``C⁻¹``). Without ``scratch``, SLNB's step scratch (each
+    arena's gradient copy and update, which it frees between steps on accelerators and keeps
+    on the CPU) is left out: what it holds there."""
     seen = {p.untyped_storage().data_ptr() for g in opt.param_groups for p in g["params"]}
+    if not scratch:
+        seen |= {t.untyped_storage().data_ptr() for a in getattr(opt, "_arenas", None) or []
+                 for t in (a.grad, a.update)}
     total = 0
 
     def add(t: Any) -> None:
@@ -264,9 +269,11 @@ def held_bytes(opt: Any) -> int:
     return total
 
 
-def held_memory(names: list[str], specs: list[str], batch: int, seq: int) -> None:
+def held_memory(names: list[str], specs: list[str], batch: int, seq: int,
+                scratch: bool = True) -> None:
     """Memory each optimizer holds after two steps (:func:`held_bytes`), per model."""
-    print(f"torch {torch.__version__}, batch {batch}x{seq}, after 2 steps: MiB the optimizer holds")
+    print(f"torch {torch.__version__}, batch {batch}x{seq}, after 2 steps: MiB the optimizer holds"
+          + ("" if scratch else " (SLNB's step scratch left out, as accelerators free it)"))
     print("| model | params | " + " | ".join(specs) + " |")
     print("|---" * (len(specs) + 2) + "|")
     for name in names:
@@ -278,7 +285,7 @@ def held_memory(names: list[str], specs: list[str], batch: int, seq: int) -> Non
             data = torch.randint(0, model.config.vocab_size, (batch, seq))
             for _ in range(2):
                 one_step(model, opt, data)
-            row.append(held_bytes(opt) / 2**20)
+            row.append(held_bytes(opt, scratch) / 2**20)
             n_params = sum(p.numel() for p in model.parameters())
             del model, opt
         print(f"| {name} | {n_params / 1e6:.1f}M | " + " | ".join(f"{v:.1f}" for v in row) + " |",
@@ -696,6 +703,9 @@ def main() -> None:
     parser.add_argument("--held-memory", default=None, metavar="SPEC;SPEC;...",
                         help="print the memory each optimizer holds after two steps (its state "
                         "and buffers), specs as for --side-by-side")
+    parser.add_argument("--without-scratch", action="store_true",
+                        help="with --held-memory: leave out SLNB's step scratch (the gradients' "
+                        "copy and the update), which it frees between steps on accelerators")
     parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "OPT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -708,7 +718,8 @@ def main() -> None:
         memory_worker(*args.memory_worker, 3, args.batch, args.seq, slnb_args)
         return
     if args.held_memory:
-        held_memory(args.models.split(","), args.held_memory.split(";"), args.batch, args.seq)
+        held_memory(args.models.split(","), args.held_memory.split(";"), args.batch, args.seq,
+                    not args.without_scratch)
         return
     if args.side_by_side:
         side_by_side(args.models.split(","), args.side_by_side.split(";"), args.steps,

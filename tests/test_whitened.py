@@ -1176,7 +1176,7 @@ def test_an_orthogonalised_layer_without_input_keeps_its_whitening_and_no_adam_m
     on a step where its input is not seen (used functionally) it takes ``orth(G R) R`` at
     Muon's size with its root ``R`` as it stands, its covariance unchanged, while the layer of
     its bank that did see input updates its own. Adam's second moment is not kept for those
-    weights (their ``exp_avg_sq`` stays zero); the biases keep Adam's, ``v = (1 - b2) g²`` on
+    weights (they have no ``exp_avg_sq``); the biases keep Adam's, ``v = (1 - b2) g²`` on
     the first step. Dense float64 check."""
     from torch import nn
     from torch.nn import functional as F
@@ -1222,7 +1222,7 @@ def test_an_orthogonalised_layer_without_input_keeps_its_whitening_and_no_adam_m
                                        atol=1e-12)
             torch.testing.assert_close(opt.state[m.weight]["input_cov"], covs[id(m)],
                                        rtol=1e-9, atol=1e-12)
-            assert not opt.state[m.weight]["exp_avg_sq"].any()
+            assert "exp_avg_sq" not in opt.state[m.weight]
         if step == 0:
             torch.testing.assert_close(opt.state[b.bias]["exp_avg_sq"], 0.001 * bias_grad ** 2,
                                        rtol=1e-12, atol=0)
@@ -1314,3 +1314,72 @@ def test_layers_reading_one_input_share_one_decomposition(monkeypatch) -> None:
                                        atol=1e-10)
         assert torch.equal(opt.state[block.q.weight]["input_cov"],
                            opt.state[block.k.weight]["input_cov"])
+
+
+def test_whitened_keeps_no_adam_moment_for_its_orthogonalised_weights() -> None:
+    """Under ``whitened`` the orthogonalised weights hold no ``exp_avg_sq`` (the arenas'
+    buffer covers the other parameters only: the memory AdamW's ``v`` would take for them is
+    not allocated), and every other parameter takes Adam's step with its own ``v``, equal to a
+    dense Adam run over three steps (momentum 0.9). A checkpoint of an older round, which held
+    an ``exp_avg_sq`` for those weights, loads: the entry is dropped, and the run goes on bit
+    for bit as from the checkpoint without it."""
+    import copy
+
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    options = {"preset": "whitened", "momentum": 0.9, "weight_decay": 0.0, "lr": 1e-3}
+    opt = SLNB(net.parameters(), model=net, **options)
+    params = dict(net.named_parameters())
+    orth = {"blocks.0.fc.weight", "blocks.1.fc.weight"}
+    b2, eps, lr = opt.config.norm_decay, opt.config.eps, 1e-3 * opt.config.lr_scale
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    expected = {n: p.detach().clone() for n, p in params.items()}
+
+    def run(net: torch.nn.Module, opt: object, steps: range, dense: bool = False) -> None:
+        for step in steps:
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(30, 5, generator=g, dtype=D) * 2.0 + 0.7
+            torch.nn.functional.cross_entropy(net(x), torch.arange(30) % 2).backward()
+            for n, p in net.named_parameters() if dense else ():
+                m[n] = 0.9 * m[n] + 0.1 * p.grad
+                v[n] = b2 * v[n] + (1 - b2) * p.grad ** 2
+                t = step + 1
+                adam = (m[n] / (1 - 0.9 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+                expected[n] = expected[n] - lr * adam
+            opt.step()
+            opt.zero_grad()
+
+    run(net, opt, range(3), dense=True)
+    for n, p in params.items():
+        if n in orth:
+            assert "exp_avg_sq" not in opt.state[p], n
+            continue
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], v[n], rtol=1e-12, atol=0)
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-10, atol=1e-14)
+    held = sum(a.buffers["exp_avg_sq"].numel() for a in opt._arenas)
+    assert held == sum(p.numel() for n, p in params.items() if n not in orth)
+
+    saved_net, saved = copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(saved)  # an older round's checkpoint: v kept for every parameter
+    for i, (n, p) in enumerate(params.items()):
+        if n in orth:
+            old["state"][i]["exp_avg_sq"] = torch.rand_like(p)
+    copies = []
+    for state in (saved, old):
+        other = _Classifier().double()
+        other.load_state_dict(saved_net)
+        resumed = SLNB(other.parameters(), model=other, **options)
+        resumed.load_state_dict(state)
+        run(other, resumed, range(3, 5))
+        for n, p in other.named_parameters():
+            assert ("exp_avg_sq" in resumed.state[p]) == (n not in orth), n
+        assert all("exp_avg_sq" not in resumed.state_dict()["state"][i]
+                   for i, n in enumerate(params) if n in orth)
+        copies.append(other)
+    run(net, opt, range(3, 5))
+    for (n, a), b, c in zip(net.named_parameters(), copies[0].parameters(),
+                            copies[1].parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c), n
