@@ -99,8 +99,10 @@ class ModelBinding:
             chosen.append(owners[0])
         return chosen
 
-    def _check_layers(self, ids: set[int]) -> None:
-        """Refuse sparse embeddings; warn once about layers whose weight is computed."""
+    def _check_layers(self, ids: set[int], stacklevel: int = 3) -> None:
+        """Refuse sparse embeddings; warn once about layers whose weight is computed
+        (``stacklevel``: the warning names the user's line, the constructor's caller by
+        default)."""
         patterns = compile_patterns(self.config.skip_modules)
         computed = []
         kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -130,7 +132,8 @@ class ModelBinding:
                 "their weight is computed from other parameters (torch.nn.utils.parametrize, "
                 "weight_norm), so the metric of their inputs does not apply to the parameters "
                 "trained. Remove the parametrization (torch.nn.utils.parametrize."
-                "remove_parametrizations) to precondition them.", UserWarning, stacklevel=4)
+                "remove_parametrizations) to precondition them.", UserWarning,
+                stacklevel=stacklevel)
 
     # -- banks -------------------------------------------------------------------------------------
     def _group_options(self, p: Tensor) -> tuple[Any, ...]:
@@ -216,8 +219,9 @@ class ModelBinding:
         self._build_banks()
 
     # -- hooks -------------------------------------------------------------------------------------
-    def _install_hooks(self, neurons: list[Neuron]) -> None:
-        """Hook ``neurons``' modules (weakly, picklable, one owner per module; see ``hooks``)."""
+    def _install_hooks(self, neurons: list[Neuron], stacklevel: int = 3) -> None:
+        """Hook ``neurons``' modules (weakly, picklable, one owner per module; see ``hooks``;
+        ``stacklevel`` as :meth:`_check_layers`)."""
         if not hasattr(self, "_hooks"):
             self._handles: list[Any] = []
             self._hooks: list[hooks.CaptureHook] = []
@@ -231,7 +235,7 @@ class ModelBinding:
                 f"SLNB: {len(taken)} module(s) of this model were hooked by an earlier SLNB "
                 f"optimizer that is still alive ({shown}); their hooks now belong to the new "
                 "optimizer, and the earlier one refuses to step. Call remove_hooks() on an "
-                "optimizer you no longer use.", UserWarning, stacklevel=4)
+                "optimizer you no longer use.", UserWarning, stacklevel=stacklevel)
 
     def remove_hooks(self) -> None:
         """Detach SLNB from the model (the optimizer then falls back to the identity metric)."""
@@ -306,7 +310,7 @@ class ModelBinding:
         """``add_param_group`` after construction: check, then hook the group's layers."""
         self._names = self._parameter_names()
         self._shard_group = sharding.shard_group(self._all_params(), self._names)
-        self._check_layers({id(p) for p in group["params"]})
+        self._check_layers({id(p) for p in group["params"]}, stacklevel=4)
         known = {id(n.weight) for n in self.neurons}
         new = [n for n in self._find_neurons() if id(n.weight) not in known]
         mine = set(self._current_param_ids())
@@ -317,7 +321,7 @@ class ModelBinding:
         self.neurons.extend(new)
         self._param_ids = self._current_param_ids()
         self._build_banks()
-        self._install_hooks(new)
+        self._install_hooks(new, stacklevel=4)
 
 
 def _compiled_hint() -> str:

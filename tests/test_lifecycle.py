@@ -11,6 +11,7 @@ import copy
 import gc
 import io
 import pickle
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -467,3 +468,44 @@ def test_matrix_free_refilled_input_buffer_equals_fresh_tensors(layer: str) -> N
             opt.zero_grad()
         runs.append(_flat(model))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_construction_and_add_param_group_warnings_name_the_callers_line() -> None:
+    """The warnings given while the optimizer is built (a parametrized layer, hooks taken over
+    from an earlier optimizer) name the line that built it, and those of ``add_param_group``
+    the line that called it: not a line inside hf_slnb, nor the caller's caller."""
+    from torch.nn.utils import parametrizations
+
+    def lines_of(record: list[warnings.WarningMessage]) -> set[tuple[str, int]]:
+        return {(Path(w.filename).name, w.lineno) for w in record
+                if issubclass(w.category, UserWarning) and "SLNB" in str(w.message)}
+
+    here = Path(__file__).name
+    torch.manual_seed(0)
+    net = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 3)), nn.Tanh(), nn.Linear(3, 2))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        first = SLNB(net.parameters(), model=net)
+    assert lines_of(record) == {(here, line)}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        second = SLNB(net.parameters(), model=net)
+    texts = [str(w.message) for w in record]
+    assert any("hooked by an earlier SLNB" in t for t in texts), texts
+    assert lines_of(record) == {(here, line)}
+    first.remove_hooks()
+    second.remove_hooks()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), parametrizations.weight_norm(nn.Linear(3, 2)))
+    opt = SLNB(net[0].parameters(), model=net)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        opt.add_param_group({"params": list(net[2].parameters())})
+    texts = [str(w.message) for w in record]
+    assert any("identity metric to '2'" in t for t in texts), texts
+    assert lines_of(record) == {(here, line)}
+    opt.remove_hooks()
