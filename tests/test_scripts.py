@@ -358,3 +358,22 @@ def test_minilm_loop_smoke() -> None:
     out = run_script("minilm_loop.py", "--steps", "2", "--max-train-samples", "32",
                      "--slnb-args", "preset=whitened,orth_layers=hidden", "--damping", "1e6")
     assert "step 2: train " in out.stdout
+
+
+@pytest.mark.skipif(bool(_missing("transformers")), reason="needs transformers")
+def test_arch_sweep_quick() -> None:
+    """``benchmarks/arch_sweep.py`` on two architectures (a decoder and a seq2seq model), three
+    steps: one table row each, the preset SLNB chose, a number for both optimizers, no error."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "arch_sweep.py"), "--only", "gpt_neox,t5",
+         "--seeds", "0", "--lrs", "1e-3", "--steps", "3"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| gpt_neox")
+            or line.startswith("| t5")]
+    assert len(rows) == 2, out.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "whitened", row
+        assert cells[2].endswith("(0.001)") and cells[3].endswith("(0.001)"), row
+        assert cells[-1] == "-", row  # no warning, no error
