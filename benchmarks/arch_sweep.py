@@ -13,7 +13,7 @@ train loss only. One core (``torch.set_num_threads(1)``); about 6 minutes.
 Usage (from the repository root)::
 
     HF_HUB_OFFLINE=1 python benchmarks/arch_sweep.py [--only gpt_neox,t5] [--seeds 0,1]
-        [--lrs 3e-4,1e-3,3e-3,1e-2] [--steps 60]
+        [--lrs 3e-4,1e-3,3e-3,1e-2] [--steps 60] [--slnb-args rest_lr_scale=0.1]
 """
 
 from __future__ import annotations
@@ -174,7 +174,8 @@ ARCHS = {
 }
 
 
-def train(arch: str, kind: str, lr: float, seed: int, steps: int = STEPS) -> dict:
+def train(arch: str, kind: str, lr: float, seed: int, steps: int = STEPS,
+          slnb_args: dict | None = None) -> dict:
     """One run: final loss (mean of the last 5), spikes (a loss above 1.5x the first after step
     10, or non-finite), the preset, warnings (text) and any error."""
     build, data_fn = ARCHS[arch]
@@ -188,7 +189,7 @@ def train(arch: str, kind: str, lr: float, seed: int, steps: int = STEPS) -> dic
             if kind == "adamw":
                 opt = torch.optim.AdamW(model.parameters(), lr=lr)
             else:
-                opt = SLNB(model.parameters(), model=model, lr=lr)
+                opt = SLNB(model.parameters(), model=model, lr=lr, **(slnb_args or {}))
                 out["preset"] = opt.preset
             losses = []
             for batch in data_fn(steps, seed=seed):
@@ -213,15 +214,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--slnb-args", default="", metavar="KEY=VALUE,...",
+                        help="SLNB options beside lr (numbers as floats), e.g. rest_lr_scale=0.1")
     args = parser.parse_args()
+    slnb_args = dict(kv.split("=", 1) for kv in args.slnb_args.split(",") if kv)
+    for key, value in slnb_args.items():
+        try:
+            slnb_args[key] = float(value)
+        except ValueError:
+            pass
     torch.set_num_threads(1)
     tf.logging.set_verbosity_error()
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
     only = [a for a in args.only.split(",") if a]
     print(f"torch {torch.__version__}, transformers {tf.__version__}, {args.steps} steps, batch {B}, "
-          f"seeds {seeds}, lrs {lrs}: final train loss, mean over seeds, at each optimizer's "
-          "best lr")
+          f"seeds {seeds}, lrs {lrs}, SLNB options {slnb_args or 'its defaults'}: final train "
+          "loss, mean over seeds, at each optimizer's best lr")
     print("| architecture | SLNB preset | AdamW (lr) | SLNB (lr) | SLNB at AdamW's lr | "
           "spikes AdamW / SLNB | SLNB warnings, errors |")
     print("|---|---|---|---|---|---|---|")
@@ -231,7 +240,7 @@ def main() -> None:
         best, notes, preset, spikes, means = {}, set(), "-", {}, {}
         for kind in ("adamw", "slnb"):
             for lr in lrs:
-                runs = [train(arch, kind, lr, s, args.steps) for s in seeds]
+                runs = [train(arch, kind, lr, s, args.steps, slnb_args) for s in seeds]
                 for r in runs:
                     if "error" in r:
                         notes.add(f"{kind} lr={lr:g}: " + r["error"].strip().splitlines()[-1])

@@ -23,7 +23,7 @@ SAVED = "slnb"
 COUNTERS = ("step", "stat_step")
 #: State options added after the record began, with the value every checkpoint written before
 #: them had: a checkpoint that does not record one is compared as that value.
-BEFORE_RECORDED = {"orth_rest": "adam", "lr_scale": 1.0}
+BEFORE_RECORDED = {"orth_rest": "adam", "lr_scale": 1.0, "rest_lr_scale": 1.0}
 
 
 class Checkpointing:
@@ -127,9 +127,10 @@ class Checkpointing:
                 f"optimizer's ({lines}). Build the optimizer with the options it was trained "
                 "with and load it again.")
         # Old checkpoints predate 'direction' (their diagonal_only says it) and the
-        # orthogonalising directions (so 'orth_layers' and 'orth_rest' pick nothing for them).
+        # orthogonalising directions (so 'orth_layers', 'orth_rest' and 'rest_lr_scale' pick
+        # nothing for them).
         unchecked = [k for k in STATE_OPTIONS if k not in shown
-                     and k not in ("orth_layers", "orth_rest")
+                     and k not in ("orth_layers", "orth_rest", "rest_lr_scale")
                      and not (k == "direction" and "diagonal_only" in shown)]
         warnings.warn(
             "SLNB.load_state_dict: this checkpoint does not record its options (it was written "

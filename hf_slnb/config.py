@@ -191,6 +191,15 @@ OPTIONS: tuple[Option, ...] = (
            "> 0; a checkpoint made with another value is refused (it would resume at another "
            "step size).",
            _finite(">"), state=True),
+    Option("rest_lr_scale", float, "under an orthogonalising direction, the parameters it does "
+           "not orthogonalise (embeddings, heads, norms, biases: orth_rest's) step at "
+           "rest_lr_scale * lr_scale * lr (weight decay too), the orthogonalised layers at "
+           "lr_scale * lr. 1 by default: one step size for both. 0.1 under 'whitened' gives "
+           "them AdamW's own lr while the orthogonalised layers keep 10x it: what encoder "
+           "classifiers trained from scratch needed (BENCHMARKS.md, issue 13, round 17). > 0; a "
+           "checkpoint made with another value is refused.",
+           _finite(">"), state=True, acts=_orth,
+           why_not=_ORTH_ONLY + "steps the two kinds of parameter apart"),
     Option("momentum", float, "decay beta_g of the gradient's moving average, in [0, 1).", _unit,
            per_group=True),
     Option("mean_decay", float, "decay of the moving average of each layer's input-feature "
@@ -325,7 +334,7 @@ GROUP_KEYS = tuple(o.name for o in OPTIONS if o.per_group)
 #: Options that give the state its meaning: a checkpoint loads only with equal values.
 STATE_OPTIONS = ("preset", "trust_region", "ridge_mode", "diagonal_only",
                  "precondition_embeddings", "skip_modules", "norm_decay", "direction",
-                 "orth_layers", "orth_rest", "lr_scale")
+                 "orth_layers", "orth_rest", "lr_scale", "rest_lr_scale")
 assert set(STATE_OPTIONS) == {o.name for o in OPTIONS if o.state}
 #: Options recorded in a checkpoint that may change on resume (the loader's own are used).
 FREE_OPTIONS = tuple(o.name for o in OPTIONS if not o.state and not o.per_group)
@@ -338,6 +347,7 @@ class SLNBConfig:
     preset: str = "graft"
     lr: float = 3e-3
     lr_scale: float = 1.0
+    rest_lr_scale: float = 1.0
     momentum: float = 0.9
     mean_decay: float = 0.9
     sq_mean_decay: float = 0.999

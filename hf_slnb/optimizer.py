@@ -311,24 +311,43 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         self._report_skips(self._skips.flush())
 
     def _apply(self, params: list[Tensor], ctx: StepContext) -> None:
-        """``p <- p (1 - lr wd keep) - lr keep u`` with ``lr`` the group's times ``lr_scale``: one
-        pair of foreach ops per group and arena."""
+        """``p <- p (1 - lr wd keep) - lr keep u`` with ``lr`` the group's times ``lr_scale``
+        (and, for the parameters an orthogonalising direction leaves to another step, times
+        ``rest_lr_scale``): one pair of foreach ops per group, arena and step size."""
         for arena in self._arenas:
             if not arena.all_live:
                 arena.update.masked_fill_(arena.live_elements.logical_not(), 0.0)
         stepped = {id(p) for p in params}
+        orth = self._orthogonalised() if self._steps_apart() else None
         for group in self.param_groups:
             lr, wd = group["lr"] * self.config.lr_scale, group["weight_decay"]
             for arena in self._arenas:
                 ps = [p for p in group["params"] if id(p) in stepped and id(p) in arena.index]
-                if not ps:
+                if orth is None:
+                    self._apply_at(arena, ps, lr, wd, ctx)
                     continue
-                locals_ = [distributed.local(p) for p in ps]
-                if wd != 0.0:
-                    keep = ctx.live.to(device=arena.device, dtype=arena.dtype)
-                    torch._foreach_mul_(locals_, keep.mul(-lr * wd).add_(1.0))
-                views = arena.views("update")
-                torch._foreach_add_(locals_, [views[arena.index[id(p)]] for p in ps], alpha=-lr)
+                self._apply_at(arena, [p for p in ps if id(p) in orth], lr, wd, ctx)
+                self._apply_at(arena, [p for p in ps if id(p) not in orth],
+                               lr * self.config.rest_lr_scale, wd, ctx)
+
+    def _steps_apart(self) -> bool:
+        """Whether the orthogonalised weights and the rest take different step sizes."""
+        return self.config.rest_lr_scale != 1.0 and self.config.direction in ORTH_DIRECTIONS
+
+    def _orthogonalised(self) -> set[int]:
+        """Ids of the weights the direction orthogonalises (a host fact of the banks)."""
+        return {id(w) for b in self.banks if self.direction.applies(b) for w in b.weights}
+
+    @staticmethod
+    def _apply_at(arena: Any, ps: list[Tensor], lr: float, wd: float, ctx: StepContext) -> None:
+        if not ps:
+            return
+        locals_ = [distributed.local(p) for p in ps]
+        if wd != 0.0:
+            keep = ctx.live.to(device=arena.device, dtype=arena.dtype)
+            torch._foreach_mul_(locals_, keep.mul(-lr * wd).add_(1.0))
+        views = arena.views("update")
+        torch._foreach_add_(locals_, [views[arena.index[id(p)]] for p in ps], alpha=-lr)
 
     def _end_step(self, ctx: StepContext) -> None:
         """Publish new statistics, zero the captured sums, keep the diagnostics' raw material."""

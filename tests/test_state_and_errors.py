@@ -145,7 +145,7 @@ def test_state_dict_records_the_options_in_every_group() -> None:
             "format": 1, "preset": "paper", "trust_region": "global", "ridge_mode": "absolute",
             "diagonal_only": False, "precondition_embeddings": True, "skip_modules": ["^3$"],
             "norm_decay": 0.999, "direction": "pcg", "orth_layers": "blocks",
-            "orth_rest": "adam", "lr_scale": 1.0,
+            "orth_rest": "adam", "lr_scale": 1.0, "rest_lr_scale": 1.0,
             "metric_backend": "auto", "min_norm": 1e-2, "orth_dtype": "auto", "orth_split": True,
             "whiten_every": 10, "cov_every": 1,
             "cov_rows": 0, "max_block": 256,

@@ -1383,3 +1383,51 @@ def test_whitened_keeps_no_adam_moment_for_its_orthogonalised_weights() -> None:
     for (n, a), b, c in zip(net.named_parameters(), copies[0].parameters(),
                             copies[1].parameters()):
         assert torch.equal(a, b) and torch.equal(a, c), n
+
+
+def test_rest_lr_scale_steps_the_parameters_left_to_adam_apart() -> None:
+    """``rest_lr_scale`` under ``whitened``: the parameters it does not orthogonalise (the
+    pooler, the classifier, every bias) take Adam's step, weight decay included, at
+    ``rest_lr_scale * lr_scale * lr``; the orthogonalised weights are bit for bit those of a run
+    without it. A checkpoint made with another value is refused, naming it; under ``graft`` it
+    is an option without effect, and says so. Dense check of the first step (momentum 0: Adam's
+    direction is ``g / (|g| + eps)``)."""
+    import copy
+
+    from hf_slnb import SLNB
+
+    def one_step(net: torch.nn.Module, **options: object) -> tuple[object, dict, dict]:
+        x = torch.linspace(-1.0, 2.0, 150, dtype=D).reshape(30, 5) ** 3 + 0.7
+        opt = SLNB(net.parameters(), model=net, preset="whitened", momentum=0.0,
+                   weight_decay=0.5, lr=1e-3, **options)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        torch.nn.functional.cross_entropy(net(x), torch.arange(30) % 2).backward()
+        grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+        opt.step()
+        return opt, before, grads
+
+    torch.manual_seed(0)
+    net = _Classifier().double()
+    twin = copy.deepcopy(net)
+    opt, before, grads = one_step(net, rest_lr_scale=0.1)
+    base, _, _ = one_step(twin)
+    orth = {"blocks.0.fc.weight", "blocks.1.fc.weight"}
+    step = 1e-3 * 10 * 0.1  # lr * lr_scale * rest_lr_scale
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        if name in orth:
+            assert torch.equal(p, q), name
+            continue
+        adam = grads[name] / (grads[name].abs() + 1e-8)
+        expected = before[name] * (1 - step * 0.5) - step * adam
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
+        assert not torch.allclose(p, q), name
+    saved = opt.state_dict()
+    fresh = _Classifier().double()
+    other = SLNB(fresh.parameters(), model=fresh, preset="whitened")
+    with pytest.raises(ValueError, match=r"rest_lr_scale: checkpoint 0\.1, this optimizer 1\.0"):
+        other.load_state_dict(saved)
+    with pytest.warns(UserWarning, match=r"no effect: rest_lr_scale=0\.1 \(only an "
+                                         r"orthogonalising direction"):
+        SLNB(fresh.parameters(), model=fresh, preset="graft", rest_lr_scale=0.1).remove_hooks()
+    for o in (opt, base, other):
+        o.remove_hooks()
