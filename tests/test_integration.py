@@ -518,6 +518,8 @@ def test_model_card_names_slnb(tmp_path: Path) -> None:
     # lr_scale rescales whatever step rule's sentence (the rule's own, not another's)
     ("preset=graft,lr_scale=3", ("each output row", "`lr_scale * lr` = 3 x"), ()),
     ("preset=whitened,lr_scale=1", ("RMS 0.2 `lr`", "one lr, AdamW's"), ("min_norm",)),
+    ("preset=whitened,rest_lr_scale=0.1", ("`rest_lr_scale` = 0.1 times that",), ()),
+    ("preset=graft", ("each output row",), ("rest_lr_scale",)),
 ])
 def test_model_card_lists_what_acted(tmp_path: Path, optim_args: str, present: tuple,
                                      absent: tuple) -> None:

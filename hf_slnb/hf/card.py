@@ -10,6 +10,7 @@ from transformers.training_args import TrainingArguments
 
 from .. import PAPER_URL
 from ..binding import default_preset_for
+from ..config import ORTH_DIRECTIONS
 from .args import HF_OPTIONS, resolved_config, slnb_optimizer_kwargs
 
 _CARD_BEGIN = "<!-- hf_slnb:begin -->"
@@ -82,6 +83,9 @@ def describe_update(values: dict[str, Any]) -> str:
         step = step.replace("`lr`", "`lr_scale * lr`").replace(": one lr, AdamW's.", ".") + (
             f" Every step is taken at `lr_scale * lr` = {values['lr_scale']:g} x {values['lr']:g}"
             " (weight decay too); `lr` is the one AdamW would be given.")
+    if values.get("rest_lr_scale", 1.0) != 1.0 and values["direction"] in ORTH_DIRECTIONS:
+        step += (f" The parameters it does not orthogonalise step at `rest_lr_scale` = "
+                 f"{values['rest_lr_scale']:g} times that.")
     return f"{direction} {step}"
 
 
