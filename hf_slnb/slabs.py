@@ -100,9 +100,8 @@ class Arena:
         #: always take their direction, whose Adam moment nothing would read).
         self.directed = frozenset(id(s) for s in self.slabs[len(self.slabs) - directed:]) \
             if directed else frozenset()
-        #: Elements and parameters before them: a ``sparse`` buffer's length, and its params.
+        #: Elements before them: a ``sparse`` buffer's length.
         self.kept = self.slabs[-directed].offset if directed else offset
-        self.kept_params = self.slabs[-directed].lo if directed else len(self.params)
         self.sparse = frozenset(sparse) if directed else frozenset()
         z = {"dtype": dtype, "device": device}
         self.buffers = {k: torch.zeros(self.kept if k in sparse else offset, **z)
@@ -175,7 +174,7 @@ class Arena:
 
     def views(self, name: str) -> list[Tensor]:
         """Per-parameter views (local shapes) of a flat buffer, made once: of a ``sparse``
-        buffer, those of the first ``kept_params`` parameters (the ones that keep it)."""
+        buffer, those of the parameters before the ``directed`` slabs (the ones that keep it)."""
         if name not in self._views:
             flat = self.grad if name == "grad" else self.update if name == "update" \
                 else self.buffers[name]
