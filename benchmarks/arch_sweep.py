@@ -13,7 +13,7 @@ train loss only. One core (``torch.set_num_threads(1)``); about 6 minutes.
 Usage (from the repository root)::
 
     HF_HUB_OFFLINE=1 python benchmarks/arch_sweep.py [--only gpt_neox,t5] [--seeds 0,1]
-        [--lrs 3e-4,1e-3,3e-3,1e-2] [--steps 60] [--slnb-args rest_lr_scale=0.1]
+        [--lrs 3e-4,1e-3,3e-3,1e-2] [--steps 60] [--slnb-args rest_lr_scale=0.1] [--muon]
 """
 
 from __future__ import annotations
@@ -174,6 +174,32 @@ ARCHS = {
 }
 
 
+class _Muon:
+    """``torch.optim.Muon`` on the weights of the ``nn.Linear`` layers inside the model's
+    repeated blocks (an ``nn.ModuleList``), Moonlight's RMS match to AdamW; ``torch.optim.AdamW``
+    on everything else (embeddings, heads, norms, biases), both at one lr, as Muon's authors
+    pair them (``scripts/benchmark.py``'s ``torch_muon``)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float) -> None:
+        hidden = {id(m.weight): m.weight for blocks in model.modules()
+                  if isinstance(blocks, torch.nn.ModuleList) for m in blocks.modules()
+                  if isinstance(m, torch.nn.Linear) and m.weight.requires_grad}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden]
+        self.optimizers = [torch.optim.AdamW(rest, lr=lr)]
+        if hidden:
+            self.optimizers.append(torch.optim.Muon(list(hidden.values()), lr=lr,
+                                                    weight_decay=0.01,
+                                                    adjust_lr_fn="match_rms_adamw"))
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad()
+
+
 def train(arch: str, kind: str, lr: float, seed: int, steps: int = STEPS,
           slnb_args: dict | None = None) -> dict:
     """One run: final loss (mean of the last 5), spikes (a loss above 1.5x the first after step
@@ -188,6 +214,8 @@ def train(arch: str, kind: str, lr: float, seed: int, steps: int = STEPS,
             model.train()
             if kind == "adamw":
                 opt = torch.optim.AdamW(model.parameters(), lr=lr)
+            elif kind == "muon":
+                opt = _Muon(model, lr)
             else:
                 opt = SLNB(model.parameters(), model=model, lr=lr, **(slnb_args or {}))
                 out["preset"] = opt.preset
@@ -214,6 +242,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--muon", action="store_true",
+                        help="also torch.optim.Muon (on the blocks' Linear weights, AdamW on "
+                        "the rest) over the same lrs")
     parser.add_argument("--slnb-args", default="", metavar="KEY=VALUE,...",
                         help="SLNB options beside lr (numbers as floats), e.g. rest_lr_scale=0.1")
     args = parser.parse_args()
@@ -231,14 +262,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {tf.__version__}, {args.steps} steps, batch {B}, "
           f"seeds {seeds}, lrs {lrs}, SLNB options {slnb_args or 'its defaults'}: final train "
           "loss, mean over seeds, at each optimizer's best lr")
-    print("| architecture | SLNB preset | AdamW (lr) | SLNB (lr) | SLNB at AdamW's lr | "
-          "spikes AdamW / SLNB | SLNB warnings, errors |")
-    print("|---|---|---|---|---|---|---|")
+    kinds = ("adamw", "slnb") + (("muon",) if args.muon else ())
+    muon = ("Muon (lr) | ", "---|") if args.muon else ("", "")
+    names = " / ".join({"adamw": "AdamW", "slnb": "SLNB", "muon": "Muon"}[k] for k in kinds)
+    print(f"| architecture | SLNB preset | AdamW (lr) | SLNB (lr) | SLNB at AdamW's lr | "
+          f"{muon[0]}spikes {names} | SLNB warnings, errors |")
+    print(f"|---|---|---|---|---|{muon[1]}---|---|")
     for arch in ARCHS:
         if only and arch not in only:
             continue
         best, notes, preset, spikes, means = {}, set(), "-", {}, {}
-        for kind in ("adamw", "slnb"):
+        for kind in kinds:
             for lr in lrs:
                 runs = [train(arch, kind, lr, s, args.steps, slnb_args) for s in seeds]
                 for r in runs:
@@ -253,11 +287,12 @@ def main() -> None:
                         best[kind] = (mean, lr)
                         spikes[kind] = sum(r["spikes"] for r in runs)
         cells = {k: f"{best[k][0]:.3f} ({best[k][1]:g})" if k in best else "failed"
-                 for k in ("adamw", "slnb")}
+                 for k in kinds}
         at = means.get(("slnb", best["adamw"][1])) if "adamw" in best else None
         cells["at"] = "-" if at is None else f"{at:.3f}"
+        extra = f"{cells['muon']} | " if args.muon else ""
         print(f"| {arch} | {preset} | {cells['adamw']} | {cells['slnb']} | {cells['at']} | "
-              f"{spikes.get('adamw', '-')} / {spikes.get('slnb', '-')} | "
+              f"{extra}{' / '.join(str(spikes.get(k, '-')) for k in kinds)} | "
               f"{'; '.join(sorted(notes)) or '-'} |", flush=True)
 
 

@@ -34,6 +34,12 @@ PAPER_URL = "https://arxiv.org/abs/2502.01131"
 TRUST_REGIONS = next(o for o in OPTIONS if o.name == "trust_region").choices
 
 
+#: The largest ``lr_scale * lr`` an orthogonalised step is taken at without a warning: at 0.3
+#: (lr 3e-2 given to ``whitened``) four of 21 architectures learned little, at 1.0 most
+#: diverged (BENCHMARKS.md, issue 13, round 17).
+LARGE_STEP = 0.1
+
+
 class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
     r"""Simple Linear Neuron Boosting (D. Munoz, arXiv 2502.01131), online variant.
 
@@ -95,6 +101,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             warnings.warn(no_effect_message(config, idle), UserWarning, stacklevel=2)
         for i, group in enumerate(self.param_groups):
             self._warn_cg_iters(group, i)
+            self._warn_large_step(group, i)
         self.model, self.process_group = model, process_group
         self.direction = direction_for(config)
         self.rule = step_rule(config.trust_region)(config)
@@ -132,6 +139,20 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
                 f"SLNB with cg_iters=0 and diagonal_only=False keeps every neuron's warm start "
                 f"(zero): neurons in parameter group {index} move only by weight decay. Use "
                 "diagonal_only=True for h = P g.", UserWarning, stacklevel=3)
+
+    def _warn_large_step(self, group: dict[str, Any], index: int) -> None:
+        """An orthogonalised step above :data:`LARGE_STEP` (``lr_scale * lr``: an lr above 1e-2
+        under ``whitened``) learned little or diverged wherever it was tried: say so, with the
+        lr to start from."""
+        step = group["lr"] * self.config.lr_scale
+        if self.config.trust_region != "orth" or step <= LARGE_STEP:
+            return
+        warnings.warn(
+            f"SLNB (preset {self.config.preset!r}): lr={group['lr']:g} in parameter group "
+            f"{index} steps at lr_scale * lr = {step:g}. Its best step was 0.01-0.03 (lr 1e-3 to "
+            f"3e-3 given) on every task measured, and above {LARGE_STEP:g} runs learned little "
+            "or diverged (BENCHMARKS.md, issue 13, round 17). If this is the lr you tuned for "
+            "AdamW, start SLNB at lr=1e-3.", UserWarning, stacklevel=3)
 
     def _warn_nothing_orthogonalised(self) -> None:
         """An orthogonalising direction that takes none of the model's layers leaves every
@@ -174,6 +195,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             raise
         if hasattr(self, "neurons"):
             self._warn_cg_iters(self.param_groups[-1], index)
+            self._warn_large_step(self.param_groups[-1], index)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients, as ``torch.optim`` does, and drop the inputs captured with them."""

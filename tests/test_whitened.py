@@ -1431,3 +1431,27 @@ def test_rest_lr_scale_steps_the_parameters_left_to_adam_apart() -> None:
         SLNB(fresh.parameters(), model=fresh, preset="graft", rest_lr_scale=0.1).remove_hooks()
     for o in (opt, base, other):
         o.remove_hooks()
+
+
+def test_an_orthogonalised_step_above_0_1_is_warned_about() -> None:
+    """``whitened`` at an lr whose step ``lr_scale * lr`` is above 0.1 (lr 3e-2: four of 21
+    architectures learned little, lr 1e-1: most diverged) says so, naming the lr, the step and
+    the lr to start from, at construction and for a group added later; up to 0.1 it is silent,
+    and ``graft`` (no orthogonalised step) never warns."""
+    import warnings
+
+    from hf_slnb import SLNB
+
+    net = _Classifier()
+    with pytest.warns(UserWarning, match=r"lr=0\.03 in parameter group 0 steps at lr_scale \* lr"
+                                         r" = 0\.3\. .*start SLNB at lr=1e-3"):
+        SLNB(net.parameters(), model=net, preset="whitened", lr=3e-2).remove_hooks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SLNB(net.parameters(), model=net, preset="whitened", lr=1e-2).remove_hooks()
+        SLNB(net.parameters(), model=net, preset="graft", lr=0.5).remove_hooks()
+        opt = SLNB(net.blocks.parameters(), model=net, preset="whitened", lr=1e-3)
+    with pytest.warns(UserWarning, match=r"lr=0\.05 in parameter group 1 steps at lr_scale \* lr"
+                                         r" = 0\.5"):
+        opt.add_param_group({"params": list(net.classifier.parameters()), "lr": 5e-2})
+    opt.remove_hooks()
