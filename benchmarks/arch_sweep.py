@@ -41,7 +41,6 @@ def markov_table(seed=1234):
 
 
 SUCC, PROBS = markov_table()
-ENTROPY = float(-(PROBS * PROBS.log()).sum())  # ~1.11 nats/token (uniform: ln 256 = 5.55)
 
 
 def markov_seqs(n, length=L, seed=0, low=4):

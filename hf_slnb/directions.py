@@ -87,12 +87,8 @@ class Direction:
         """Whether every layer of ``bank`` takes this direction on every step, with input or
         without: a step rule that copies directions (``orth``) keeps no Adam moment for its
         weights (:class:`hf_slnb.step_rules.OrthAdam`). A fact of the bank and the options
-        (the arenas are laid out by it)."""
+        (the arenas are laid out by it: :attr:`hf_slnb.slabs.Arena.directed`)."""
         return False
-
-    def always_directed(self, ctx: StepContext) -> frozenset[int]:
-        """Ids of the weight slabs of the banks it :meth:`directs_always`."""
-        return frozenset(id(ctx.bank_slabs(b)[0]) for b in ctx.banks if self.directs_always(b))
 
     def commit(self, bank: Bank, h: Stack, mask: Tensor) -> None:
         """Keep what the next step needs (a warm start), for the layers in ``mask``."""

@@ -224,7 +224,6 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
         ctx = StepContext(self._arenas, self.banks, frozenset(map(id, params)),
                           live, self._group_of_param, counts, self._shard_group,
                           self.process_group, self.steps_taken)
-        ctx.always_directed = self.direction.always_directed(ctx)
         ctx.taken_as_is = self.rule.taken_as_is(ctx)
         self.rule.before(ctx)  # reads the raw gradients, which ctx.momentum overwrites
         ctx.momentum()
@@ -340,7 +339,7 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
             if not arena.all_live:
                 arena.update.masked_fill_(arena.live_elements.logical_not(), 0.0)
         stepped = {id(p) for p in params}
-        orth = self._orthogonalised() if self._steps_apart() else None
+        orth = self._stepped_apart()
         for group in self.param_groups:
             lr, wd = group["lr"] * self.config.lr_scale, group["weight_decay"]
             for arena in self._arenas:
@@ -352,12 +351,11 @@ class SLNB(ModelBinding, StateLayout, Checkpointing, Optimizer):
                 self._apply_at(arena, [p for p in ps if id(p) not in orth],
                                lr * self.config.rest_lr_scale, wd, ctx)
 
-    def _steps_apart(self) -> bool:
-        """Whether the orthogonalised weights and the rest take different step sizes."""
-        return self.config.rest_lr_scale != 1.0 and self.config.direction in ORTH_DIRECTIONS
-
-    def _orthogonalised(self) -> set[int]:
-        """Ids of the weights the direction orthogonalises (a host fact of the banks)."""
+    def _stepped_apart(self) -> set[int] | None:
+        """Ids of the weights the direction orthogonalises when the other parameters take
+        another step size (``rest_lr_scale``; a host fact of the banks), else ``None``."""
+        if self.config.rest_lr_scale == 1.0 or self.config.direction not in ORTH_DIRECTIONS:
+            return None
         return {id(w) for b in self.banks if self.direction.applies(b) for w in b.weights}
 
     @staticmethod

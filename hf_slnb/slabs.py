@@ -98,8 +98,8 @@ class Arena:
         self.slab_of = {id(p): s for s in self.slabs for p in s.params}
         #: The slabs laid out last whose parameters keep no ``sparse`` state (weights that
         #: always take their direction, whose Adam moment nothing would read).
-        self.directed = frozenset(id(s) for s in self.slabs[len(self.slabs) - directed:]) \
-            if directed else frozenset()
+        self.directed = frozenset(id(s) for s in self.slabs[-directed:]) if directed \
+            else frozenset()
         #: Elements before them: a ``sparse`` buffer's length.
         self.kept = self.slabs[-directed].offset if directed else offset
         self.sparse = frozenset(sparse) if directed else frozenset()

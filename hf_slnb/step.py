@@ -61,9 +61,6 @@ class StepContext:
         #: Slabs whose direction a step rule that copies directions (``orth``) grafts to Adam's
         #: length per output row instead (``orth_rest='diagonal'``).
         self.grafted: set[int] = set()
-        #: Weight slabs whose every layer takes the direction on every step, with input or
-        #: without (:meth:`hf_slnb.directions.Direction.always_directed`, set by the optimizer).
-        self.always_directed: frozenset[int] = frozenset()
         #: Weight slabs whose direction the step rule takes as it is (``orth``): the direction
         #: may write it straight into the slab's update buffer (:meth:`direct_out`).
         self.taken_as_is: frozenset[int] = frozenset()

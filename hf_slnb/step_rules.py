@@ -190,7 +190,8 @@ class AdamGraft(StepRule):
         d, eps = self.config.norm_decay, self.config.eps
         for arena in ctx.arenas:
             u, v = arena.update, arena.buffers["exp_avg_sq"]
-            pieces = _pieces(arena, skip | arena.directed, u, v, arena.grad)
+            left = skip | arena.directed  # the directed weights have no v
+            pieces = _pieces(arena, left, u, v, arena.grad)
             if arena.uniform:
                 bc = bias_correction(d, arena.step0).to(arena.dtype)
                 for uu, vv, _ in pieces:
@@ -198,7 +199,7 @@ class AdamGraft(StepRule):
             else:
                 bc = bias_correction(d, arena.steps)
                 for s, rows in zip(arena.slabs, ctx.split(arena, bc)):
-                    if id(s) not in skip and id(s) not in arena.directed:
+                    if id(s) not in left:
                         torch.div(s.stack(v), per_layer(rows, s.stack(v)), out=s.stack(u))
             for uu, _, gg in pieces:
                 uu.sqrt_().add_(eps)
@@ -242,7 +243,8 @@ class OrthAdam(AdamGraft):
     directed_keys = ("exp_avg_sq",)
 
     def taken_as_is(self, ctx: StepContext) -> frozenset[int]:
-        return ctx.always_directed
+        # The weights laid out without v (whitened_orth's) take the direction on every step.
+        return frozenset().union(*(arena.directed for arena in ctx.arenas))
 
     def updates(self, ctx: StepContext) -> None:
         banks = _bank_slabs(ctx)
