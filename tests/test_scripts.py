@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -376,3 +377,66 @@ def test_arch_sweep_quick() -> None:
         assert cells[1] == "whitened", row
         assert cells[2].endswith("(0.001)") and cells[3].endswith("(0.001)"), row
         assert cells[-1] == "-", row  # no warning, no error
+
+
+_VARIANT_PROBE = """
+import sys
+import torch
+from torch import nn
+from hf_slnb import SLNB
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(16, 4)
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+torch.manual_seed(0)
+model = Model()
+opt = SLNB(model.parameters(), model=model, lr=1e-3, cov_every=1, cov_rows=40)
+assert opt.preset == "whitened", opt.preset
+data = torch.randn(4, 6, 10, 16)  # 60 positions per forward: cov_rows keeps a stride of them
+for x in data:
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+print(repr(sum(p.double().sum().item() for p in model.parameters())))
+"""
+
+
+def test_benchmark_variants_each_change_the_steps(tmp_path: Path) -> None:
+    """``benchmarks/variants.py``: every variant BENCHMARKS.md quotes still patches the
+    optimizer (four steps of a two-block model end elsewhere than the default's, finite), and an
+    unknown one is refused with the allowed names."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(_VARIANT_PROBE)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    base = run(str(probe))
+    assert base.returncode == 0, base.stderr[-3000:]
+    default = float(base.stdout.split()[-1])
+    script = str(ROOT / "benchmarks" / "variants.py")
+    for variant in ("polar_express", "row_normalize", "rms_size", "adam_rms", "damping=1000",
+                    "dy_weighted"):
+        out = run(script, variant, str(probe))
+        assert out.returncode == 0, (variant, out.stderr[-3000:])
+        value = float(out.stdout.split()[-1])
+        assert math.isfinite(value), (variant, value)
+        assert value != default, variant
+    bad = run(script, "no_such_variant", str(probe))
+    assert bad.returncode != 0 and "unknown variant 'no_such_variant'" in bad.stderr
+    assert "polar_express" in bad.stderr
