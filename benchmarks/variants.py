@@ -16,11 +16,11 @@ for example::
 
 Variants (``NAME`` or ``NAME=VALUE``):
 
-* ``polar_express``: the Newton-Schulz iteration with Polar Express's five per-step
+* ``polar_express[=STEPS]``: the Newton-Schulz iteration with Polar Express's five per-step
   coefficients (Amsel et al. 2025, arXiv 2505.16932, as modded-nanogpt uses them) instead of
   Muon's one fixed triple, the input divided by 1.01 times its norm (their safety factor); in
   both of the optimizer's forms, on the whitened gradient and on the eigenvalues of its Gram
-  matrix.
+  matrix. With STEPS, that many steps (their first STEPS coefficients) instead of five.
 * ``row_normalize``: each orthogonalised layer's update with its rows' RMS equalised, its
   Frobenius norm kept (a stateless NorMuon-like per-row step size).
 * ``rms_size[=CAP]``: each orthogonalised layer's update rescaled to the Frobenius norm of a
@@ -63,9 +63,12 @@ def _coefficients(steps: int) -> list[tuple[float, float, float]]:
     return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
 
 
-def polar_express(_: str | None) -> None:
+def polar_express(value: str | None) -> None:
+    fixed = int(value) if value else None  # polar_express=4: four steps, not the caller's five
+
     def orthogonalize(m: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                       dtype: torch.dtype | None = None, overwrite: bool = False) -> torch.Tensor:
+        steps = fixed or steps
         if dtype is not None and dtype != m.dtype:
             return orthogonalize(m.to(dtype), steps, eps).to(m.dtype)
         tall = m.shape[-2] > m.shape[-1]
@@ -83,6 +86,7 @@ def polar_express(_: str | None) -> None:
 
     def gram_factor(s: torch.Tensor, steps: int = 5,
                     spectral: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = fixed or steps
         if not spectral:
             return original(s, steps, spectral)
         s = s / SAFETY**2

@@ -430,8 +430,8 @@ def test_benchmark_variants_each_change_the_steps(tmp_path: Path) -> None:
     assert base.returncode == 0, base.stderr[-3000:]
     default = float(base.stdout.split()[-1])
     script = str(ROOT / "benchmarks" / "variants.py")
-    for variant in ("polar_express", "row_normalize", "rms_size", "adam_rms", "damping=1000",
-                    "dy_weighted"):
+    for variant in ("polar_express", "polar_express=4", "row_normalize", "rms_size", "adam_rms",
+                    "damping=1000", "dy_weighted"):
         out = run(script, variant, str(probe))
         assert out.returncode == 0, (variant, out.stderr[-3000:])
         value = float(out.stdout.split()[-1])
