@@ -379,64 +379,86 @@ def test_arch_sweep_quick() -> None:
         assert cells[-1] == "-", row  # no warning, no error
 
 
-_VARIANT_PROBE = """
-import sys
-import torch
-from torch import nn
-from hf_slnb import SLNB
 
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
-    def forward(self, x):
-        return x + self.down(torch.tanh(self.up(x)))
+def _variant_probe() -> float:
+    """Four steps of a two-block model under the default (`whitened`): the parameters' sum."""
+    import torch
+    from torch import nn
 
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(16, 4)
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
+    from hf_slnb import SLNB
 
-torch.manual_seed(0)
-model = Model()
-opt = SLNB(model.parameters(), model=model, lr=1e-3, cov_every=1, cov_rows=40)
-assert opt.preset == "whitened", opt.preset
-data = torch.randn(4, 6, 10, 16)  # 60 positions per forward: cov_rows keeps a stride of them
-for x in data:
-    model(x).pow(2).mean().backward()
-    opt.step()
-    opt.zero_grad()
-print(repr(sum(p.double().sum().item() for p in model.parameters())))
-"""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.down(torch.tanh(self.up(x)))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Model().to(torch.float32)
+    opt = SLNB(model.parameters(), model=model, lr=1e-3, cov_every=1, cov_rows=40)
+    assert opt.preset == "whitened", opt.preset
+    for x in torch.randn(4, 6, 10, 16, dtype=torch.float32):  # 60 positions: cov_rows strides
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.remove_hooks()
+    return sum(p.double().sum().item() for p in model.parameters())
 
 
-def test_benchmark_variants_each_change_the_steps(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["polar_express", "polar_express=4", "row_normalize",
+                                     "rms_size", "adam_rms", "damping=1000", "dy_weighted"])
+def test_benchmark_variants_each_change_the_steps(variant: str, monkeypatch) -> None:
     """``benchmarks/variants.py``: every variant BENCHMARKS.md quotes still patches the
-    optimizer (four steps of a two-block model end elsewhere than the default's, finite), and an
-    unknown one is refused with the allowed names."""
+    optimizer: four steps end elsewhere than the default's, finite (in this process, every
+    patched attribute restored afterwards)."""
+    import importlib.util
+
+    from hf_slnb import directions, hooks, whitened
+    from hf_slnb.layers import linear
+
+    spec = importlib.util.spec_from_file_location("slnb_variants",
+                                                  ROOT / "benchmarks" / "variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)
+    default = _variant_probe()
+    for owner, name in ((directions.WhitenedOrth, "orthogonalise"),
+                        (directions.WhitenedOrth, "damping"), (whitened, "orthogonalize_ns5"),
+                        (whitened, "gram_ns5_factor"), (hooks._Pending, "__call__"),
+                        (linear, "sampled_moments"), (linear, "SHARED_GRAM")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # undone after the test
+    name, _, value = variant.partition("=")
+    variants.VARIANTS[name](value or None)
+    patched = _variant_probe()
+    assert math.isfinite(patched), patched
+    assert patched != default
+
+
+def test_benchmark_variants_command_line(tmp_path: Path) -> None:
+    """``variants.py VARIANT SCRIPT`` runs the script under the variant; an unknown variant is
+    refused with the allowed names."""
     probe = tmp_path / "probe.py"
-    probe.write_text(_VARIANT_PROBE)
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=300)
-
-    base = run(str(probe))
-    assert base.returncode == 0, base.stderr[-3000:]
-    default = float(base.stdout.split()[-1])
+    probe.write_text("import sys\nsys.path.insert(0, sys.argv[1])\n"
+                     "from test_scripts import _variant_probe\nprint(repr(_variant_probe()))\n")
     script = str(ROOT / "benchmarks" / "variants.py")
-    for variant in ("polar_express", "polar_express=4", "row_normalize", "rms_size", "adam_rms",
-                    "damping=1000", "dy_weighted"):
-        out = run(script, variant, str(probe))
-        assert out.returncode == 0, (variant, out.stderr[-3000:])
-        value = float(out.stdout.split()[-1])
-        assert math.isfinite(value), (variant, value)
-        assert value != default, variant
-    bad = run(script, "no_such_variant", str(probe))
+    out = subprocess.run([sys.executable, script, "damping=1000", str(probe), str(ROOT / "tests")],
+                         check=False, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert math.isfinite(float(out.stdout.split()[-1]))
+    bad = subprocess.run([sys.executable, script, "no_such_variant", str(probe)], check=False,
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown variant 'no_such_variant'" in bad.stderr
     assert "polar_express" in bad.stderr
