@@ -32,6 +32,8 @@ Variants (``NAME`` or ``NAME=VALUE``):
   (default 5).
 * ``damping=VALUE``: the whitening's damping (0.1 times the mean eigenvalue by default; 1000
   is nearly no whitening).
+* ``whiten_power=P``: the inputs whitened by ``C^{-P/2}`` instead of ``C^{-1/2}`` (P = 1 is the
+  default, 0 no whitening), on the CPU's eigendecomposition path.
 * ``dy_weighted``: each captured input position weighted, in the covariance, by the squared
   norm of its output gradient (the Fisher's input-side marginal), not uniformly.
 """
@@ -151,6 +153,17 @@ def damping(value: str | None) -> None:
     D.WhitenedOrth.damping = float(value)
 
 
+def whiten_power(value: str | None) -> None:
+    if value is None:
+        raise SystemExit("whiten_power needs a value: whiten_power=P")
+    power, original = float(value) / 2, W.inverse_root_eigh
+
+    def root(c: torch.Tensor, power_: float = 0.5, eps: float = 1e-12) -> Any:
+        return original(c, power, eps)
+
+    W.inverse_root_eigh = root
+
+
 def dy_weighted(_: str | None) -> None:
     weights: dict[str, torch.Tensor | None] = {"w": None}
     pending_call = H._Pending.__call__
@@ -193,7 +206,7 @@ def dy_weighted(_: str | None) -> None:
 
 
 VARIANTS = {f.__name__: f for f in (polar_express, row_normalize, rms_size, adam_rms, damping,
-                                    dy_weighted)}
+                                    whiten_power, dy_weighted)}
 
 
 def main() -> None:
