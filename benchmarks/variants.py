@@ -67,6 +67,8 @@ def _coefficients(steps: int) -> list[tuple[float, float, float]]:
 
 def polar_express(value: str | None) -> None:
     fixed = int(value) if value else None  # polar_express=4: four steps, not the caller's five
+    if fixed is not None and fixed < 1:
+        raise SystemExit(f"polar_express={value}: the number of steps must be >= 1")
 
     def orthogonalize(m: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                       dtype: torch.dtype | None = None, overwrite: bool = False) -> torch.Tensor:
