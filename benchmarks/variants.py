@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import runpy
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,7 +224,7 @@ def main() -> None:
         VARIANTS[name](value or None)
     script = sys.argv[2]
     sys.argv = sys.argv[2:]
-    sys.path.insert(0, str(__import__("pathlib").Path(script).resolve().parent))
+    sys.path.insert(0, str(Path(script).resolve().parent))  # its siblings import, as when run itself
     runpy.run_path(script, run_name="__main__")
 
 
