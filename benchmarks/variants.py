@@ -33,7 +33,8 @@ Variants (``NAME`` or ``NAME=VALUE``):
 * ``damping=VALUE``: the whitening's damping (0.1 times the mean eigenvalue by default; 1000
   is nearly no whitening).
 * ``whiten_power=P``: the inputs whitened by ``C^{-P/2}`` instead of ``C^{-1/2}`` (P = 1 is the
-  default, 0 no whitening), on the CPU's eigendecomposition path.
+  default, 0 no whitening), by an eigendecomposition in the CPU's refresh (whose default is
+  the Cholesky factor).
 * ``dy_weighted``: each captured input position weighted, in the covariance, by the squared
   norm of its output gradient (the Fisher's input-side marginal), not uniformly.
 """
@@ -159,12 +160,12 @@ def damping(value: str | None) -> None:
 def whiten_power(value: str | None) -> None:
     if value is None:
         raise SystemExit("whiten_power needs a value: whiten_power=P")
-    power, original = float(value) / 2, W.inverse_root_eigh
+    power = float(value) / 2
 
-    def root(c: torch.Tensor, power_: float = 0.5, eps: float = 1e-12) -> Any:
-        return original(c, power, eps)
+    def root(c: torch.Tensor) -> Any:  # the CPU refresh's factor, now symmetric C^{-P/2}
+        return W.inverse_root_eigh(c, power)[0], torch.ones(c.shape[:-2], dtype=torch.bool)
 
-    W.inverse_root_eigh = root
+    W.whitener_cholesky = root
 
 
 def dy_weighted(_: str | None) -> None:

@@ -249,9 +249,10 @@ OPTIONS: tuple[Option, ...] = (
            "every rank (an FSDP2 layer after an all-gather): better on a slow network. No effect "
            "in one process.", _flag, acts=_orth,
            why_not=_ORTH_ONLY + "orthogonalises"),
-    Option("whiten_every", int, "steps between refreshes of each layer's inverse square root "
-           "C^-1/2 for direction='whitened_orth' (an eigendecomposition on the CPU, "
-           "Newton-Schulz on accelerators; with cov_every > 1 at the covariance's updates: "
+    Option("whiten_every", int, "steps between refreshes of each layer's whitening of its "
+           "inputs for direction='whitened_orth' (C^-1/2 by Newton-Schulz on accelerators; on "
+           "the CPU L^-T from the Cholesky factor C = L L^T, which gives the same update at a "
+           "sixth of an eigendecomposition's cost; with cov_every > 1 at the covariance's updates: "
            "the largest multiple of cov_every up to it, at least cov_every), integer >= 1.",
            _positive, acts=_whitening,
            why_not="only direction='whitened_orth' keeps an inverse root"),

@@ -173,9 +173,12 @@ class WhitenedOrth(Direction):
     """Orthogonalisation in whitened coordinates (issue 13): ``orth(G C^{-1/2}) C^{-1/2}``.
 
     ``C`` is each layer's centred input covariance (an EMA, decay :attr:`decay`, damped by
-    :attr:`damping` times its mean eigenvalue), its inverse square root refreshed every
-    ``whiten_every`` steps by coupled Newton-Schulz on accelerators (matmuls only: no host sync)
-    and by ``eigh`` on the CPU (there 10x cheaper at ``d >= 512``). With ``C = I``
+    :attr:`damping` times its mean eigenvalue). A whitening factor ``W`` of it (``Wᵀ C W =
+    I``) is refreshed every ``whiten_every`` steps and the update is ``orth(G W) Wᵀ``, the same
+    map for every such ``W`` (:mod:`hf_slnb.whitened`): ``C^{-1/2}`` by coupled Newton-Schulz on
+    accelerators (matmuls only: no host sync) and ``L^{-T}`` from the Cholesky factor ``C = L
+    Lᵀ`` on the CPU (:func:`hf_slnb.whitened.whitener_cholesky`: a sixth of ``eigh``'s cost,
+    which the CPU took before 2026-12-05). Both are kept as ``input_inv_sqrt``. With ``C = I``
     this is Muon's direction; it is Muon on the network whose layers whiten their inputs, which is
     SLNB's reparameterisation view. The result is scaled to Muon's size (``|orth(.)|_F``), then
     to an RMS of 0.2 (Moonlight's rule, ``0.2 sqrt(max(out, in))``: AdamW's typical update RMS,
@@ -354,8 +357,9 @@ class WhitenedOrth(Direction):
 
     def refresh(self, ctx: StepContext, bank: Bank, bias: Tensor, owner: int | None = None
                 ) -> None:
-        """Each layer's ``C^{-1/2}`` from its damped, bias-corrected covariance EMA, in chunks of
-        layers (:func:`layer_chunks`). In data parallel with ``orth_split``, each rank refreshes
+        """Each layer's whitening factor (``C^{-1/2}``, or ``L^{-T}`` on the CPU: the class's
+        docstring) from its damped, bias-corrected covariance EMA, in chunks of layers
+        (:func:`layer_chunks`). In data parallel with ``orth_split``, each rank refreshes
         its share of the bank's layers and the roots are all-gathered (bit for bit the same);
         a sharded layer's ``owner`` refreshes it and broadcasts the root. The orthogonalisation
         reads only the roots its rank refreshed; the gather keeps every rank's state whole, for
@@ -373,11 +377,13 @@ class WhitenedOrth(Direction):
                                  cov.shape[1]):
             rows = slice(mine.start + rows.start, mine.start + rows.stop)
             damped = W.damp_blocks(cov[rows] / bias[rows], self.damping, features)
-            if damped.device.type == "cpu":  # eigh: 10x cheaper there than 20 NS steps
-                fresh = inverse_roots_once(damped)
-            else:  # matmuls only: eigh's error check would wait for the device
+            keep = seen[rows]
+            if damped.device.type == "cpu":  # Cholesky: a sixth of eigh's cost, 1/50 of NS's
+                fresh, ok = whiteners_once(damped)
+                keep = keep & ok[..., None, None]  # a zero input's C is not positive definite
+            else:  # matmuls only: a factorisation's error check would wait for the device
                 fresh = W.inverse_sqrt_newton_schulz(damped, self.ns_iters)
-            torch.where(seen[rows], fresh, root[rows], out=root[rows])
+            torch.where(keep, fresh, root[rows], out=root[rows])
         if split:
             root.copy_(distributed.all_gather_shares(root[mine], len(root), ctx.data_group))
         elif owner is not None:
@@ -513,27 +519,29 @@ def layer_chunks(layers: int, d: int, itemsize: int, blocks: int = 1) -> list[sl
     return [slice(lo, min(layers, lo + per)) for lo in range(0, layers, per)]
 
 
-def inverse_roots_once(damped: Tensor) -> Tensor:
-    """``C^{-1/2}`` of each of the CPU stack ``damped`` ``(l, ...)`` by ``eigh``, computed once for
-    consecutive layers whose matrices are equal, bit for bit: the layers that read one input
-    (a Llama's or BERT's q/k/v, a Llama's gate/up) keep one covariance, and sit side by side in
-    their bank. The same roots as one ``eigh`` per layer; on the 0.9M Llama 12 decompositions
-    of 128 features instead of 24. (A host comparison per layer: the CPU's own path alone.)"""
+def whiteners_once(damped: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`hf_slnb.whitened.whitener_cholesky` of each of the CPU stack ``damped`` ``(l,
+    ...)``, computed once for consecutive layers whose matrices are equal, bit for bit: the
+    layers that read one input (a Llama's or BERT's q/k/v, a Llama's gate/up) keep one
+    covariance, and sit side by side in their bank. The same factors as one per layer; on the
+    0.9M Llama 12 factorisations of 128 features instead of 24. (A host comparison per layer:
+    the CPU's own path alone.)"""
     if not cpu_path(damped.device):  # the CPU standing in for an accelerator: no host read
-        return W.inverse_root_eigh(damped)[0]
+        return W.whitener_cholesky(damped)
     new = [i == 0 or not torch.equal(damped[i], damped[i - 1]) for i in range(len(damped))]
     if all(new):
-        return W.inverse_root_eigh(damped)[0]
-    roots = W.inverse_root_eigh(damped[[i for i, first in enumerate(new) if first]])[0]
-    return roots[[k - 1 for k in itertools.accumulate(new)]]  # each layer: its run's root
+        return W.whitener_cholesky(damped)
+    w, ok = W.whitener_cholesky(damped[[i for i, first in enumerate(new) if first]])
+    runs = [k - 1 for k in itertools.accumulate(new)]  # each layer: its run's factor
+    return w[runs], ok[runs]
 
 
 def bank_inverse(bank: Bank) -> Tensor:
-    """``C⁻¹ = (C^{-1/2})²`` of the bank's roots, cached until they change (a refresh or a load
-    writes into them and bumps their version counter: a host fact, no sync)."""
+    """``C⁻¹ = W Wᵀ`` of the bank's whitening factors, cached until they change (a refresh or a
+    load writes into them and bumps their version counter: a host fact, no sync)."""
     key = (bank.root._version, bank.root.data_ptr())
     if getattr(bank, "inv_key", None) != key:
-        bank.inv = torch.matmul(bank.root, bank.root)
+        bank.inv = torch.matmul(bank.root, bank.root.mT)
         bank.inv_key = key
     return bank.inv
 

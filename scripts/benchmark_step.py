@@ -174,11 +174,15 @@ def package_at(checkout: str) -> Any:
 
 
 def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
-    """``adamw``, ``torch_muon`` (Muon on the blocks' 2-D weights, AdamW on the rest),
+    """``adamw`` (torch's default implementation: a loop over the tensors on the CPU),
+    ``adamw_fused`` (``fused=True``: the Trainer's default, ``adamw_torch_fused``),
+    ``torch_muon`` (Muon on the blocks' 2-D weights, AdamW on the rest),
     ``slnb:KEY=VALUE,...`` or ``slnb@CHECKOUT:KEY=VALUE,...`` (the ``hf_slnb`` of another
     checkout, say an older commit's ``git worktree``: :func:`package_at`)."""
     if spec == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    if spec == "adamw_fused":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
     if spec == "torch_muon":
         import benchmark  # the benchmark's own pairing, so the two scripts time the same thing
 
@@ -190,8 +194,8 @@ def make_spec_optimizer(spec: str, model: torch.nn.Module) -> Any:
     if spec.startswith("slnb@"):
         checkout, _, options = spec[len("slnb@"):].partition(":")
         return package_at(checkout).SLNB(model.parameters(), model=model, **parse_kv(options))
-    raise ValueError(f"Invalid --side-by-side entry {spec!r}: 'adamw', 'torch_muon', "
-                     "'slnb[:KEY=VALUE,...]' or 'slnb@CHECKOUT[:KEY=VALUE,...]'.")
+    raise ValueError(f"Invalid --side-by-side entry {spec!r}: 'adamw', 'adamw_fused', "
+                     "'torch_muon', 'slnb[:KEY=VALUE,...]' or 'slnb@CHECKOUT[:KEY=VALUE,...]'.")
 
 
 def side_by_side(names: list[str], specs: list[str], steps: int, batch: int, seq: int) -> None:
@@ -697,7 +701,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="with --count-ops: write the counts as JSON")
     parser.add_argument("--side-by-side", default=None, metavar="SPEC;SPEC;...",
                         help="time these optimizers interleaved (the first is the baseline): "
-                        "'adamw', 'torch_muon', 'slnb[:KEY=VALUE,...]', 'slnb@CHECKOUT[:KEY=VALUE,...]' "
+                        "'adamw', 'adamw_fused' (fused=True: the Trainer's default), "
+                        "'torch_muon', 'slnb[:KEY=VALUE,...]', 'slnb@CHECKOUT[:KEY=VALUE,...]' "
                         "(another checkout's hf_slnb, e.g. an older commit's git worktree), "
                         "separated by ';'")
     parser.add_argument("--held-memory", default=None, metavar="SPEC;SPEC;...",

@@ -24,6 +24,56 @@ def _dense_inv_sqrt(c: torch.Tensor) -> torch.Tensor:
     return q @ torch.diag(lam.sqrt()) @ q.T
 
 
+def _assert_whitens(w: torch.Tensor, c: torch.Tensor) -> None:
+    """``w`` is a whitening factor of ``c`` (stacks too): ``W Wᵀ = C⁻¹`` (by ``solve``), hence
+    ``Wᵀ C W = I`` and ``W = C^{-1/2} R`` with ``R`` orthogonal, which gives the same update."""
+    eye = torch.eye(c.shape[-1], dtype=c.dtype).expand_as(c)
+    torch.testing.assert_close(w @ w.mT, torch.linalg.solve(c, eye), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(w.mT @ c @ w, eye, rtol=1e-8, atol=1e-8)
+
+
+def test_whitener_cholesky_whitens_and_flags_what_is_not_positive_definite():
+    c = torch.stack([W.damp(_spd(8, 0), 0.1), W.damp(_spd(8, 1), 0.0), _spd(8, 2)])
+    w, ok = W.whitener_cholesky(c)
+    _assert_whitens(w, c)
+    assert torch.equal(w, w.triu()) and ok.tolist() == [True, True, True]
+    # A zero covariance (a layer fed zeros) and an indefinite one are flagged, no exception.
+    bad = torch.stack([torch.zeros(8, 8, dtype=D), torch.diag(torch.linspace(-1, 1, 8, dtype=D))])
+    assert W.whitener_cholesky(bad)[1].tolist() == [False, False]
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (8, 8), (12, 8)])
+def test_whitened_orth_is_one_map_for_every_whitening_factor(shape):
+    """``orth(M W) Wᵀ`` with the Cholesky factor is ``orth(M C^-1/2) C^-1/2`` (Newton-Schulz
+    commutes with the orthogonal ``R`` in ``W = C^-1/2 R``): the plain form, blocks, and the Gram
+    forms, iterated and spectral, against the dense symmetric root."""
+    m = torch.randn(3, *shape, dtype=D)
+    c = torch.stack([W.damp(_spd(8, i), 0.1) for i in range(3)])
+    root = torch.stack([_dense_inv_sqrt(ci) for ci in c])
+    o = W.orthogonalize_ns5(m @ root)
+    u = o @ root
+    u = u * torch.linalg.matrix_norm(o, keepdim=True) / torch.linalg.matrix_norm(u, keepdim=True)
+    w = W.whitener_cholesky(c)[0]
+    torch.testing.assert_close(W.whitened_orth(m, w), u, rtol=1e-9, atol=1e-12)
+    c_inv = w @ w.mT
+    for spectral in (False, True):
+        torch.testing.assert_close(W.whitened_orth_gram(m, w, c_inv, spectral=spectral), u,
+                                   rtol=1e-6, atol=1e-9)
+    # Two diagonal blocks of 4 features: C is their block diagonal.
+    cb = torch.stack([torch.stack([W.damp(_spd(4, 2 * i + k), 0.1) for k in range(2)])
+                      for i in range(3)])
+    dense = torch.stack([torch.block_diag(*(_dense_inv_sqrt(b) for b in blocks))
+                         for blocks in cb])
+    o = W.orthogonalize_ns5(m @ dense)
+    u = o @ dense
+    u = u * torch.linalg.matrix_norm(o, keepdim=True) / torch.linalg.matrix_norm(u, keepdim=True)
+    wb = W.whitener_cholesky(cb)[0]
+    torch.testing.assert_close(W.whitened_orth(m, wb), u, rtol=1e-9, atol=1e-12)
+    for spectral in (False, True):
+        torch.testing.assert_close(W.whitened_orth_gram(m, wb, wb @ wb.mT, spectral=spectral),
+                                   u, rtol=1e-6, atol=1e-9)
+
+
 def test_centred_second_moment_and_damping():
     x = torch.randn(50, 6, dtype=D)
     c = W.centred_second_moment(x.sum(0), x.T @ x, 50)
@@ -566,8 +616,8 @@ def test_row_stride_is_coprime_to_the_sequence_length() -> None:
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_whiten_every_sets_when_the_inverse_root_is_refreshed(every: int) -> None:
-    """The stored ``C^-1/2`` is the dense inverse root of the damped, bias-corrected covariance
-    EMA as it stood at the last refresh (steps 0, every, 2 every, ...), not after."""
+    """The stored whitening factor (``input_inv_sqrt``) whitens the damped, bias-corrected
+    covariance EMA as it stood at the last refresh (steps 0, every, 2 every, ...), not after."""
     from torch import nn
 
     from hf_slnb import SLNB
@@ -584,9 +634,8 @@ def test_whiten_every_sets_when_the_inverse_root_is_refreshed(every: int) -> Non
         m = x.mean(0)
         cov = 0.95 * cov + 0.05 * (x.T @ x / 30 - torch.outer(m, m))
         if step % every == 0:
-            expected = W.inverse_root_eigh(W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1))[0]
-        torch.testing.assert_close(opt.state[lin.weight]["input_inv_sqrt"], expected,
-                                   rtol=1e-8, atol=1e-10)
+            expected = W.damp(cov / (1 - 0.95 ** (step + 1)), 0.1)
+        _assert_whitens(opt.state[lin.weight]["input_inv_sqrt"], expected)
 
 
 def test_a_bert_classifier_orthogonalises_its_encoder_only() -> None:
@@ -1153,8 +1202,7 @@ def test_cov_every_updates_the_covariance_in_one_step_of_k() -> None:
         torch.testing.assert_close(lin.weight.detach(), before - 1e-2 * u, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(opt.state[lin.weight]["input_cov"], cov, rtol=1e-9,
                                    atol=1e-12)
-        torch.testing.assert_close(opt.state[lin.weight]["input_inv_sqrt"], root, rtol=1e-8,
-                                   atol=1e-10)
+        _assert_whitens(opt.state[lin.weight]["input_inv_sqrt"], damped)
     assert opt.steps_taken == 5
     opt.remove_hooks()
     # No root older than whiten_every steps: refreshes every floor(whiten_every / cov_every)
@@ -1287,13 +1335,13 @@ class _TwinBlock(torch.nn.Module):
 
 def test_layers_reading_one_input_share_one_decomposition(monkeypatch) -> None:
     """q and k read one input, so their covariances are equal bit for bit: the CPU refresh
-    decomposes each such run of layers once (2 matrices per block, not 3), and every layer's
-    root is still the dense inverse root of its own damped covariance."""
+    factorises each such run of layers once (2 matrices per block, not 3), and every layer's
+    factor still whitens its own damped covariance."""
     from hf_slnb import SLNB
 
     sizes = []
-    eigh = W.inverse_root_eigh
-    monkeypatch.setattr(W, "inverse_root_eigh", lambda c, *a: sizes.append(len(c)) or eigh(c, *a))
+    factor = W.whitener_cholesky
+    monkeypatch.setattr(W, "whitener_cholesky", lambda c: sizes.append(len(c)) or factor(c))
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.ModuleList([_TwinBlock(), _TwinBlock()])).double()
     opt = SLNB(net.parameters(), model=net, preset="whitened", whiten_every=1, cov_every=1)
@@ -1310,8 +1358,7 @@ def test_layers_reading_one_input_share_one_decomposition(monkeypatch) -> None:
             state = opt.state[layer.weight]
             c = state["input_cov"] / (1 - 0.95 ** 3)
             c = c + 0.1 * torch.trace(c) / 5 * torch.eye(5, dtype=D)
-            torch.testing.assert_close(state["input_inv_sqrt"], _dense_inv_sqrt(c), rtol=1e-8,
-                                       atol=1e-10)
+            _assert_whitens(state["input_inv_sqrt"], c)
         assert torch.equal(opt.state[block.q.weight]["input_cov"],
                            opt.state[block.k.weight]["input_cov"])
 
@@ -1455,3 +1502,27 @@ def test_an_orthogonalised_step_above_0_1_is_warned_about() -> None:
                                          r" = 0\.5"):
         opt.add_param_group({"params": list(net.classifier.parameters()), "lr": 5e-2})
     opt.remove_hooks()
+
+
+def test_a_layer_fed_zeros_keeps_its_whitening_factor() -> None:
+    """A layer whose inputs are all zero has a zero covariance, which no factor whitens: the
+    CPU's refresh keeps the factor it had (the identity at first) instead of a non-finite one,
+    and the next refresh with input whitens as usual."""
+    from hf_slnb import SLNB
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4)])).double()
+    lin = net[0][0]
+    opt = SLNB(net.parameters(), model=net, preset="whitened", whiten_every=1, cov_every=1)
+    lin(torch.zeros(10, 4, dtype=D)).pow(2).sum().add(lin.bias.sum()).backward()
+    opt.step()
+    opt.zero_grad()
+    assert torch.equal(opt.state[lin.weight]["input_inv_sqrt"], torch.eye(4, dtype=D))
+    assert all(bool(p.isfinite().all()) for p in net.parameters())
+    x = torch.randn(30, 4, dtype=D) * torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=D)
+    lin(x).pow(2).mean().backward()
+    opt.step()
+    m = x.mean(0)
+    cov = 0.05 * (x.T @ x / 30 - torch.outer(m, m)) / (1 - 0.95 ** 2)
+    _assert_whitens(opt.state[lin.weight]["input_inv_sqrt"], W.damp(cov, 0.1))
+    assert all(bool(p.isfinite().all()) for p in net.parameters())
