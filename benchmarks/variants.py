@@ -1,5 +1,5 @@
-"""Variants of the default (`whitened`) that issue 13, round 18 tried and did not adopt, each
-applied as a patch over the installed ``hf_slnb`` before a benchmark script runs, so that every
+"""Variants of the default (`whitened`) that issue 13, rounds 18-19, tried and did not adopt,
+each applied as a patch over the installed ``hf_slnb`` before a benchmark script runs, so that every
 number BENCHMARKS.md quotes for them comes from one command. Not part of the package: the
 patches reach into its internals and may stop applying when those change.
 
@@ -37,6 +37,10 @@ Variants (``NAME`` or ``NAME=VALUE``):
   the Cholesky factor).
 * ``dy_weighted``: each captured input position weighted, in the covariance, by the squared
   norm of its output gradient (the Fisher's input-side marginal), not uniformly.
+* ``spread_damping[=F]`` (round 19): the whitening's ridge F (default 0.1) times ``Σλ² / Σλ``
+  of the layer's covariance instead of 0.1 times its mean eigenvalue ``Σλ / d``: the same for
+  a flat spectrum, about F times the largest eigenvalue for a concentrated one, so a layer
+  whose inputs have one dominant direction is whitened less (a per-layer strength).
 """
 
 from __future__ import annotations
@@ -168,6 +172,21 @@ def whiten_power(value: str | None) -> None:
     W.whitener_cholesky = root
 
 
+def spread_damping(value: str | None) -> None:
+    fraction = 0.1 if value is None else float(value)
+
+    def damp_blocks(c: torch.Tensor, damping_: float, features: int) -> torch.Tensor:
+        # Σλ² / Σλ over the layer's blocks: the mean eigenvalue for a flat spectrum, about the
+        # largest for a concentrated one.
+        squares = c.pow(2).sum((-2, -1)).sum(-1, keepdim=True)
+        trace = torch.diagonal(c, dim1=-2, dim2=-1).sum(-1).sum(-1, keepdim=True)
+        ridge = fraction * squares / trace.clamp_min(torch.finfo(c.dtype).tiny)
+        eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+        return c + ridge[..., None, None] * eye
+
+    W.damp_blocks = damp_blocks
+
+
 def dy_weighted(_: str | None) -> None:
     weights: dict[str, torch.Tensor | None] = {"w": None}
     pending_call = H._Pending.__call__
@@ -210,7 +229,7 @@ def dy_weighted(_: str | None) -> None:
 
 
 VARIANTS = {f.__name__: f for f in (polar_express, row_normalize, rms_size, adam_rms, damping,
-                                    whiten_power, dy_weighted)}
+                                    whiten_power, dy_weighted, spread_damping)}
 
 
 def main() -> None:

@@ -420,7 +420,7 @@ def _variant_probe() -> float:
 
 @pytest.mark.parametrize("variant", ["polar_express", "polar_express=4", "row_normalize",
                                      "rms_size", "adam_rms", "damping=1000", "whiten_power=0.5",
-                                     "dy_weighted"])
+                                     "dy_weighted", "spread_damping"])
 def test_benchmark_variants_each_change_the_steps(variant: str, monkeypatch) -> None:
     """``benchmarks/variants.py``: every variant BENCHMARKS.md quotes still patches the
     optimizer: four steps end elsewhere than the default's, finite (in this process, every
@@ -438,6 +438,7 @@ def test_benchmark_variants_each_change_the_steps(variant: str, monkeypatch) -> 
     for owner, name in ((directions.WhitenedOrth, "orthogonalise"),
                         (directions.WhitenedOrth, "damping"), (whitened, "orthogonalize_ns5"),
                         (whitened, "gram_ns5_factor"), (whitened, "whitener_cholesky"),
+                        (whitened, "damp_blocks"),
                         (hooks._Pending, "__call__"),
                         (linear, "sampled_moments"), (linear, "SHARED_GRAM")):
         monkeypatch.setattr(owner, name, getattr(owner, name))  # undone after the test
