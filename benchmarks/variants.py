@@ -167,7 +167,7 @@ def whiten_power(value: str | None) -> None:
     power = float(value) / 2
 
     def root(c: torch.Tensor) -> Any:  # the CPU refresh's factor, now symmetric C^{-P/2}
-        return W.inverse_root_eigh(c, power)[0], torch.ones(c.shape[:-2], dtype=torch.bool)
+        return W.inverse_root_eigh(c, power)[0], torch.ones(c.shape[:-2], dtype=torch.bool, device=c.device)
 
     W.whitener_cholesky = root
 

@@ -48,30 +48,23 @@ def test_whitened_orth_is_one_map_for_every_whitening_factor(shape):
     commutes with the orthogonal ``R`` in ``W = C^-1/2 R``): the plain form, blocks, and the Gram
     forms, iterated and spectral, against the dense symmetric root."""
     m = torch.randn(3, *shape, dtype=D)
+
+    def check(w: torch.Tensor, root: torch.Tensor) -> None:
+        o = W.orthogonalize_ns5(m @ root)
+        u = o @ root
+        u = u * torch.linalg.matrix_norm(o, keepdim=True) / torch.linalg.matrix_norm(u, keepdim=True)
+        torch.testing.assert_close(W.whitened_orth(m, w), u, rtol=1e-9, atol=1e-12)
+        for spectral in (False, True):
+            torch.testing.assert_close(W.whitened_orth_gram(m, w, w @ w.mT, spectral=spectral),
+                                       u, rtol=1e-6, atol=1e-9)
+
     c = torch.stack([W.damp(_spd(8, i), 0.1) for i in range(3)])
-    root = torch.stack([_dense_inv_sqrt(ci) for ci in c])
-    o = W.orthogonalize_ns5(m @ root)
-    u = o @ root
-    u = u * torch.linalg.matrix_norm(o, keepdim=True) / torch.linalg.matrix_norm(u, keepdim=True)
-    w = W.whitener_cholesky(c)[0]
-    torch.testing.assert_close(W.whitened_orth(m, w), u, rtol=1e-9, atol=1e-12)
-    c_inv = w @ w.mT
-    for spectral in (False, True):
-        torch.testing.assert_close(W.whitened_orth_gram(m, w, c_inv, spectral=spectral), u,
-                                   rtol=1e-6, atol=1e-9)
+    check(W.whitener_cholesky(c)[0], torch.stack([_dense_inv_sqrt(ci) for ci in c]))
     # Two diagonal blocks of 4 features: C is their block diagonal.
     cb = torch.stack([torch.stack([W.damp(_spd(4, 2 * i + k), 0.1) for k in range(2)])
                       for i in range(3)])
-    dense = torch.stack([torch.block_diag(*(_dense_inv_sqrt(b) for b in blocks))
-                         for blocks in cb])
-    o = W.orthogonalize_ns5(m @ dense)
-    u = o @ dense
-    u = u * torch.linalg.matrix_norm(o, keepdim=True) / torch.linalg.matrix_norm(u, keepdim=True)
-    wb = W.whitener_cholesky(cb)[0]
-    torch.testing.assert_close(W.whitened_orth(m, wb), u, rtol=1e-9, atol=1e-12)
-    for spectral in (False, True):
-        torch.testing.assert_close(W.whitened_orth_gram(m, wb, wb @ wb.mT, spectral=spectral),
-                                   u, rtol=1e-6, atol=1e-9)
+    check(W.whitener_cholesky(cb)[0],
+          torch.stack([torch.block_diag(*(_dense_inv_sqrt(b) for b in blocks)) for blocks in cb]))
 
 
 def test_centred_second_moment_and_damping():
