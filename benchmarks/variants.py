@@ -116,9 +116,10 @@ def _wrap_orthogonalise(scale: Any) -> None:
     """``WhitenedOrth.orthogonalise``'s result passed through ``scale(self, bank, m, u)``."""
     original = D.WhitenedOrth.orthogonalise
 
-    def orthogonalise(self: Any, bank: Any, m: torch.Tensor,
-                      rows: slice = slice(None)) -> torch.Tensor:
-        return scale(self, bank, m, original(self, bank, m, rows))
+    def orthogonalise(self: Any, bank: Any, m: torch.Tensor, rows: slice = slice(None),
+                      size: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+        u = scale(self, bank, m, original(self, bank, m, rows))
+        return W._sized(u, size, out)
 
     D.WhitenedOrth.orthogonalise = orthogonalise
 

@@ -283,7 +283,8 @@ class WhitenedOrth(Direction):
             # orthogonalises every momentum): its step never falls back to Adam's.
             ctx.take_all(bank)
             self.set_direction(ctx, bank, bank.all_layers,
-                               lambda m, rows, b=bank: self.orthogonalise(b, m, rows), owner)
+                               lambda m, rows, size, out, b=bank: self.orthogonalise(
+                                   b, m, rows, size, out), owner)
 
     def directs_always(self, bank: Bank) -> bool:
         return self.applies(bank)
@@ -395,9 +396,12 @@ class WhitenedOrth(Direction):
                 and distributed.world_size(ctx.data_group) > 1)
 
     def set_direction(self, ctx: StepContext, bank: Bank, active: Tensor,
-                      orth: Callable[[Tensor, slice], Tensor], owner: int | None = None) -> None:
-        """The bank's weights take ``orth(m, rows)`` (the layers ``rows`` of the bank, their
-        ``(l, out, in)`` stack ``m``) at :meth:`size`; the biases keep ``g``. A sharded layer
+                      orth: Callable[[Tensor, slice, float, Tensor | None], Tensor],
+                      owner: int | None = None) -> None:
+        """The bank's weights take ``orth(m, rows, size, out)`` (the layers ``rows`` of the bank,
+        their ``(l, out, in)`` stack ``m``, at :meth:`size`, written into ``out`` when that is not
+        ``None``: the update buffer, so that the step rule copies nothing and the rescaling is
+        the one pass that writes it); the biases keep ``g``. A sharded layer
         (FSDP2) is orthogonalised whole, as an orthogonalisation does not split by rows: its
         ``owner`` gathers it, orthogonalises it and scatters the shards back (``orth_split``),
         or, without an owner, every rank gathers it and keeps its shard. In data parallel, with
@@ -410,15 +414,17 @@ class WhitenedOrth(Direction):
 
         def whole(g: Stack) -> Stack:
             m = g[0] if last else g[0].transpose(1, 2)  # (L, out, in)
+            target = None if out is None else out if last else out.transpose(1, 2)
             if split:
                 rows = distributed.share(len(m), ctx.data_group)
-                u = distributed.all_gather_shares(orth(m[rows], rows), len(m), ctx.data_group)
+                u = distributed.all_gather_shares(orth(m[rows], rows, self.size(m), None),
+                                                  len(m), ctx.data_group)
+                if target is not None:
+                    target.copy_(u)
             else:
-                u = orth(m, slice(None))
-            if out is not None:  # straight into the update buffer: the rule copies nothing
-                torch.mul(u, self.size(m), out=out if last else out.transpose(1, 2))
+                u = orth(m, slice(None), self.size(m), target)
+            if target is not None:  # straight into the update buffer: the rule copies nothing
                 return (out,)
-            u = u.mul_(self.size(m))  # orth's result is its own temporary
             return (u if last else u.transpose(1, 2),)
 
         if owner is None:
@@ -430,8 +436,10 @@ class WhitenedOrth(Direction):
             h = distributed.scatter_rows_from(u, w, owner, ctx.shard_group, g)[None]
         ctx.set_slab_direction(bank, h, active)
 
-    def orthogonalise(self, bank: Bank, m: Tensor, rows: slice = slice(None)) -> Tensor:
-        """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size for the stack ``m`` ``(L, out, in)``. On
+    def orthogonalise(self, bank: Bank, m: Tensor, rows: slice = slice(None), size: float = 1.0,
+                      out: Tensor | None = None) -> Tensor:
+        """``orth(M C^{-1/2}) C^{-1/2}`` at Muon's size times ``size`` for the stack ``m`` ``(L,
+        out, in)``, into ``out`` if given (:func:`hf_slnb.whitened.whitened_orth`). On
         the CPU in float32 or float64, for layers whose short side is at least
         :data:`SPECTRAL_MIN` (any aspect) or that are at least :data:`GRAM_ASPECT` times longer
         than wide, from the eigendecomposition of the short side's Gram matrix
@@ -451,12 +459,13 @@ class WhitenedOrth(Direction):
         r = root[rows, 0] if one else root[rows]
         if (m.device.type != "cpu" or dtype == torch.bfloat16
                 or not (short >= SPECTRAL_MIN or long >= GRAM_ASPECT * short)):
-            return W.whitened_orth(m, r, dtype=dtype)
+            return W.whitened_orth(m, r, dtype=dtype, size=size, out=out)
         inv = None
         if m.shape[1] <= m.shape[2]:
             inv = bank_inverse(bank)[rows]
             inv = (inv[:, 0] if one else inv).to(dtype)
-        return W.whitened_orth_gram(m.to(dtype), r, inv, spectral=True).to(m.dtype)
+        u = W.whitened_orth_gram(m.to(dtype), r, inv, spectral=True, size=size, out=out)
+        return u if out is not None else u.to(m.dtype)
 
 
 class DiagWhitenedOrth(WhitenedOrth):
@@ -493,8 +502,9 @@ class DiagWhitenedOrth(WhitenedOrth):
                 continue  # identity: h = g
             stats = ctx.statistics(bank)
             self.set_direction(ctx, bank, stats.active,
-                               lambda m, rows, s=stats: W.diag_whitened_orth(
-                                   m, s.inv[rows].to(m.dtype).sqrt(), dtype=self.orth_dtype(m)),
+                               lambda m, rows, size, out, s=stats: W.diag_whitened_orth(
+                                   m, s.inv[rows].to(m.dtype).sqrt(), dtype=self.orth_dtype(m),
+                                   size=size, out=out),
                                owners.get(id(bank)))
 
 

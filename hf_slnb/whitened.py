@@ -227,7 +227,8 @@ def row_normalize(u: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def whitened_orth(m: torch.Tensor, w: torch.Tensor, steps: int = 5,
-                  per_row: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+                  per_row: bool = False, dtype: torch.dtype | None = None, size: float = 1.0,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``orth(M C^{-1/2}) C^{-1/2}``, rescaled to ``‖orth(M C^{-1/2})‖_F`` (Muon's update size),
     computed as ``orth(M W) Wᵀ`` from a whitening factor ``w`` of ``C`` (``Wᵀ C W = I``:
     ``C^{-1/2}`` itself, or :func:`whitener_cholesky`'s; the same map, as the module's
@@ -237,19 +238,22 @@ def whitened_orth(m: torch.Tensor, w: torch.Tensor, steps: int = 5,
     with ``C = I`` this is exactly Muon's direction. ``per_row`` equalises the rows' RMS last.
     With a ``dtype`` (bfloat16), the two whitening products run in it as well as the
     orthogonalisation (round 12: in float32 they took a fifth of the 10.5M GPT-2's CPU step);
-    the result has ``m``'s dtype.
+    the result has ``m``'s dtype. ``size`` multiplies the result and ``out`` receives it (the
+    optimizer's update buffer): one pass for the rescaling, the size and the copy.
     """
-    out = m.dtype
+    result = m.dtype
     if dtype is not None:
         m, w = m.to(dtype), w.to(dtype)
     o = orthogonalize_ns5(times_blocks(m, w), steps, overwrite=True)
-    u = _sized_like(times_blocks(o, w.mT), o, out)
-    return row_normalize(u) if per_row else u
+    if per_row:
+        return _sized(row_normalize(_sized_like(times_blocks(o, w.mT), o, result)), size, out)
+    return _sized_like(times_blocks(o, w.mT), o, result, size, out)
 
 
 def whitened_orth_gram(m: torch.Tensor, w: torch.Tensor,
                        c_inv: torch.Tensor | None = None, steps: int = 5,
-                       eps: float = 1e-7, spectral: bool = False) -> torch.Tensor:
+                       eps: float = 1e-7, spectral: bool = False, size: float = 1.0,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`whitened_orth` of a stack ``(L, out, in)``, the same map in exact arithmetic, with
     Newton-Schulz run on the short side's ``(s, s)`` Gram matrix instead of on ``X = M W``
     (``w``: a whitening factor of ``C``, ``Wᵀ C W = I``, as :func:`whitened_orth` takes).
@@ -267,7 +271,8 @@ def whitened_orth_gram(m: torch.Tensor, w: torch.Tensor,
     ``eps ‖S‖``: with ``spectral`` the direction stays right (``Q`` meets ``X``'s own, tiny
     component) and only the size ``Σ λ t(λ)²`` counts it (0.4% on a (300, 8) layer); iterated,
     ``Q`` grows about 500-fold along it and rounding leaks into the direction (20% there), so
-    the optimizer iterates on ``X`` itself wherever it does not take ``spectral``.
+    the optimizer iterates on ``X`` itself wherever it does not take ``spectral``. ``size`` and
+    ``out`` as :func:`whitened_orth`'s.
     """
     wide = m.shape[-2] <= m.shape[-1]
     mt = m.transpose(-2, -1)
@@ -293,7 +298,8 @@ def whitened_orth_gram(m: torch.Tensor, w: torch.Tensor,
     else:
         u = torch.bmm(m, torch.bmm(torch.bmm(w, q), w.mT))
     o_norm = o_norm_sq.clamp_min(0).sqrt()[..., None, None]  # ‖X_steps‖_F
-    return u * (o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30))
+    scale = o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30)
+    return _times(u, scale if size == 1.0 else scale.mul_(size), out)
 
 
 def gram_ns5_factor(s: torch.Tensor, steps: int = 5,
@@ -330,11 +336,12 @@ def gram_ns5_factor(s: torch.Tensor, steps: int = 5,
     return q, (torch.bmm(q, s) * q).sum((-2, -1))
 
 
-def _sized_like(u: torch.Tensor, o: torch.Tensor, dtype: torch.dtype | None = None
-                ) -> torch.Tensor:
-    """``u`` rescaled to ``o``'s Frobenius norm (per matrix), in ``dtype`` (default ``u``'s):
-    the norms are taken in it and the rescaling writes it, without a cast of ``u`` or ``o``
-    where ``dtype`` widens them (the same numbers as casting them first)."""
+def _sized_like(u: torch.Tensor, o: torch.Tensor, dtype: torch.dtype | None = None,
+                size: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``u`` rescaled to ``o``'s Frobenius norm (per matrix) times ``size``, in ``dtype``
+    (default ``u``'s): the norms are taken in it and the rescaling writes it, without a cast of
+    ``u`` or ``o`` where ``dtype`` widens them (the same numbers as casting them first); into
+    ``out`` if given (one pass)."""
     dtype = u.dtype if dtype is None else dtype
 
     def norm(t: torch.Tensor) -> torch.Tensor:
@@ -343,19 +350,34 @@ def _sized_like(u: torch.Tensor, o: torch.Tensor, dtype: torch.dtype | None = No
         return torch.linalg.matrix_norm(t, keepdim=True, dtype=dtype)
 
     scale = norm(o) / (norm(u) + 1e-30)
+    if size != 1.0:
+        scale.mul_(size)
     if torch.promote_types(u.dtype, dtype) != dtype:
         u = u.to(dtype)
-    return u * scale
+    return _times(u, scale, out)
+
+
+def _times(u: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``u * scale``, into ``out`` if given."""
+    return u * scale if out is None else torch.mul(u, scale, out=out)
+
+
+def _sized(u: torch.Tensor, size: float, out: torch.Tensor | None) -> torch.Tensor:
+    """``u * size`` (``u`` a temporary: in place), into ``out`` if given."""
+    if out is not None:
+        return torch.mul(u, size, out=out)
+    return u if size == 1.0 else u.mul_(size)
 
 
 def diag_whitened_orth(m: torch.Tensor, d_inv_sqrt: torch.Tensor, steps: int = 5,
-                       dtype: torch.dtype | None = None) -> torch.Tensor:
+                       dtype: torch.dtype | None = None, size: float = 1.0,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """``orth(M D^{-1/2}) D^{-1/2}`` for a diagonal ``D`` given as ``d_inv_sqrt`` ``(..., in)``,
     rescaled to ``‖orth(M D^{-1/2})‖_F`` like :func:`whitened_orth` (which it equals for
-    ``C = diag(D)``)."""
+    ``C = diag(D)``; ``size`` and ``out`` as its)."""
     s = d_inv_sqrt.unsqueeze(-2)
     o = orthogonalize_ns5(m * s, steps, dtype=dtype)
-    return _sized_like(o * s, o)
+    return _sized_like(o * s, o, size=size, out=out)
 
 
 def rotate(g: torch.Tensor, q_in: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,6 +67,43 @@ def test_whitened_orth_is_one_map_for_every_whitening_factor(shape):
           torch.stack([torch.block_diag(*(_dense_inv_sqrt(b) for b in blocks)) for blocks in cb]))
 
 
+def test_size_and_out_scale_the_update_in_the_pass_that_writes_it():
+    """``size`` multiplies the update and ``out`` (the optimizer's update buffer, transposed for
+    an HF ``Conv1D``'s ``(in, out)`` layout) receives it, for every form of the map, against the
+    dense definition: ``size · orth(M C^-1/2) C^-1/2`` at ``‖orth(M C^-1/2)‖_F``; the diagonal
+    form with ``C = diag(D)``."""
+    m = torch.randn(3, 6, 8, dtype=D)
+    c = torch.stack([W.damp(_spd(8, i), 0.1) for i in range(3)])
+    w = W.whitener_cholesky(c)[0]
+    root = torch.stack([_dense_inv_sqrt(ci) for ci in c])
+    o = W.orthogonalize_ns5(m @ root)
+    u = o @ root
+    u = 0.7 * u * torch.linalg.matrix_norm(o, keepdim=True) / torch.linalg.matrix_norm(
+        u, keepdim=True)
+    forms = {
+        "plain": lambda **kw: W.whitened_orth(m, w, **kw),
+        "gram": lambda **kw: W.whitened_orth_gram(m, w, w @ w.mT, **kw),
+        "spectral": lambda **kw: W.whitened_orth_gram(m, w, w @ w.mT, spectral=True, **kw),
+    }
+    for name, form in forms.items():
+        tol = {"rtol": 1e-9, "atol": 1e-12} if name == "plain" else {"rtol": 1e-6, "atol": 1e-9}
+        torch.testing.assert_close(form(size=0.7), u, **tol)
+        for buf in (torch.empty(3, 6, 8, dtype=D), torch.empty(3, 8, 6, dtype=D).mT):
+            got = form(size=0.7, out=buf)
+            assert got is buf, name
+            torch.testing.assert_close(buf, u, **tol)
+    d = torch.rand(3, 8, dtype=D) + 0.5  # D^-1/2 per feature
+    od = W.orthogonalize_ns5(m * d[:, None, :])
+    ud = od * d[:, None, :]
+    ud = 0.7 * ud * torch.linalg.matrix_norm(od, keepdim=True) / torch.linalg.matrix_norm(
+        ud, keepdim=True)
+    buf = torch.empty(3, 6, 8, dtype=D)
+    assert W.diag_whitened_orth(m, d, size=0.7, out=buf) is buf
+    torch.testing.assert_close(buf, ud, rtol=1e-9, atol=1e-12)
+    rows = W.whitened_orth(m, w, per_row=True)
+    torch.testing.assert_close(W.whitened_orth(m, w, per_row=True, size=0.7), 0.7 * rows)
+
+
 def test_centred_second_moment_and_damping():
     x = torch.randn(50, 6, dtype=D)
     c = W.centred_second_moment(x.sum(0), x.T @ x, 50)
