@@ -300,7 +300,7 @@ class WhitenedOrth(Direction):
         roots refreshed when due); nothing where none saw input."""
         if bank.grams is None or not any(n.captured for n in bank.neurons):
             return
-        stats = ctx.statistics(bank)
+        stats = ctx.fold(bank)  # the mask of layers with input: no preconditioner terms
         cov = self.whitening(bank)[0]  # (L, k, b, b): k diagonal blocks of width b
         L, k, b = cov.shape[:3]
         counts = ctx.counts[id(bank)][0]  # (L, 1, 1)

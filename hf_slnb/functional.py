@@ -67,17 +67,34 @@ def feature_statistics_(
         ``(L, 1, 1)`` (or the 0-d ``live`` when ``captured``); rows of inactive layers are
         meaningless.
     """
+    active = fold_statistics_(stats, step, sums, count, live, weights, captured)
+    return (*preconditioner_terms(stats, step, decays, shrinkage, has_bias), active)
+
+
+def fold_statistics_(stats: Tensor, step: Tensor, sums: Tensor, count: Tensor, live: Tensor,
+                     weights: Tensor, captured: bool = False) -> Tensor:
+    """The first half of :func:`feature_statistics_` (the same arguments): this step's sums
+    folded into the EMAs and the step counts, in place; returns the mask of layers with input.
+    A direction that reads only that mask (``whitened_orth``) stops here: three fewer passes
+    than the preconditioner's terms take, and a dozen fewer ops per bank."""
     active = live if captured else (count > 0) & live
     step.add_(active)
     mean = sums / (count if captured else torch.clamp(count, min=1.0))
     torch.where(active, torch.lerp(stats, mean, weights), stats, out=stats)
+    return active
+
+
+def preconditioner_terms(stats: Tensor, step: Tensor, decays: Tensor, shrinkage: float,
+                         has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The second half of :func:`feature_statistics_`: ``(mu_hat, nu_hat, inv_denom)`` from the
+    EMAs as they stand."""
     bc = torch.pow(decays, torch.clamp(step, min=1.0)).neg_().add_(1.0)
     mu, nu = (stats / bc.to(stats.dtype)).unbind(1)
     var = torch.clamp(torch.addcmul(nu, mu, mu, value=-1.0), min=0.0)
     var = torch.lerp(var, var.mean(-1, keepdim=True), shrinkage)
     denom = var if has_bias else torch.addcmul(var, mu, mu)
     inv = torch.reciprocal(torch.clamp(denom, min=denominator_floor(denom.dtype)))
-    return mu, nu, inv, active
+    return mu, nu, inv
 
 
 def precondition_stacked(v: Stack, mu: Tensor, inv_denom: Tensor, feature_axis: int) -> Stack:
@@ -276,5 +293,6 @@ class SkipLog:
 
 
 __all__ = ["SkipLog", "Stack", "Vec", "bias_correction", "conjugate_gradient",
-           "denominator_floor", "feature_statistics_", "graft_ratio", "nonfinite_flags",
-           "per_layer", "precondition_stacked", "row_norms", "stacked_dot"]
+           "denominator_floor", "feature_statistics_", "fold_statistics_", "graft_ratio",
+           "nonfinite_flags", "per_layer", "precondition_stacked", "preconditioner_terms",
+           "row_norms", "stacked_dot"]

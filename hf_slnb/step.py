@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .functional import Stack, bias_correction, cpu_path, feature_statistics_, per_layer
+from .functional import (
+    Stack,
+    bias_correction,
+    cpu_path,
+    fold_statistics_,
+    per_layer,
+    preconditioner_terms,
+)
 from .layers import Bank
 from .slabs import Arena, Slab
 
@@ -28,6 +35,15 @@ class Statistics:
     mu: Tensor
     nu: Tensor
     inv: Tensor
+    active: Tensor
+    n_out: Tensor
+
+
+@dataclass
+class Folded:
+    """A bank's EMAs once this step's sums are folded in (:meth:`StepContext.fold`): the
+    ``(L,)`` mask of layers with input and ``n_out``."""
+
     active: Tensor
     n_out: Tensor
 
@@ -67,6 +83,7 @@ class StepContext:
         self.residuals: list[Tensor] = []
         self.diagnostics: dict[str, Tensor | float] = {}
         self._stats: dict[int, Statistics] = {}
+        self._folded: dict[int, Folded] = {}
         self._slab_of: dict[int, tuple[Slab, Slab | None]] = {}
         self._row_dims: dict[int, tuple[int, ...]] = {}
         self._bank_of_slab: dict[int, Bank] = {}
@@ -147,24 +164,34 @@ class StepContext:
     def group_of_bank(self, bank: Bank) -> dict[str, Any]:
         return self.groups[id(bank.neurons[0].weight)]
 
-    def statistics(self, bank: Bank) -> Statistics:
-        """The bank's EMAs updated with this step's sums (once per step) and their terms."""
-        if id(bank) not in self._stats:
-            group = self.group_of_bank(bank)
+    def fold(self, bank: Bank) -> Folded:
+        """The bank's EMAs updated with this step's sums (once per step: the first call), and
+        the mask of its layers with input. What a direction reads that needs no preconditioner
+        terms (``whitened_orth``); :meth:`statistics` adds them."""
+        if id(bank) not in self._folded:
             count, n_out = self.counts[id(bank)]
             if bank.neurons[0].one_hot:  # one-hot inputs: the squares are the counts
                 bank.sum_x2.copy_(bank.sum_x)
             elif bank.grams is not None:
                 bank.squares_from_grams()  # the diagonal of the x xᵀ it keeps
-            mu, nu, inv, active = feature_statistics_(
+            active = fold_statistics_(
                 bank.stats, bank.stat_step, bank.sums, count, self.live.to(bank.device),
-                bank.decays, bank.weights_ema, group["shrinkage"],
-                self._slab_of[id(bank)][1] is not None, self.captured[id(bank)])
+                bank.weights_ema, self.captured[id(bank)])
             if active.dim() == 0:
                 active = active.expand(len(bank.neurons))
             else:
                 active = active.reshape(-1)
-            self._stats[id(bank)] = Statistics(mu, nu, inv, active, n_out)
+            self._folded[id(bank)] = Folded(active, n_out)
+        return self._folded[id(bank)]
+
+    def statistics(self, bank: Bank) -> Statistics:
+        """The bank's EMAs updated with this step's sums (:meth:`fold`) and their terms."""
+        if id(bank) not in self._stats:
+            folded = self.fold(bank)
+            mu, nu, inv = preconditioner_terms(
+                bank.stats, bank.stat_step, bank.decays, self.group_of_bank(bank)["shrinkage"],
+                self._slab_of[id(bank)][1] is not None)
+            self._stats[id(bank)] = Statistics(mu, nu, inv, folded.active, folded.n_out)
         return self._stats[id(bank)]
 
     def set_bank_direction(self, bank: Bank, h: Stack, active: Tensor) -> None:
@@ -231,4 +258,4 @@ class StepContext:
         return torch.stack([p.to(device=dev, dtype=torch.float64) for p in parts]).sum()
 
 
-__all__ = ["Statistics", "StepContext"]
+__all__ = ["Folded", "Statistics", "StepContext"]

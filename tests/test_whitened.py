@@ -300,6 +300,43 @@ def test_layers_reading_one_input_share_its_product_and_each_get_their_covarianc
         reductions
 
 
+def test_the_feature_emas_fold_once_when_a_step_also_asks_for_the_preconditioner_terms(
+        monkeypatch) -> None:
+    """``whitened_orth`` folds a bank's sums into its EMAs without the diagonal preconditioner's
+    terms (``StepContext.fold``); a later ``statistics`` in the same step adds the terms from
+    the folded EMAs and does not fold again. Against the dense means of the input (float64)."""
+    from torch import nn
+
+    from hf_slnb import SLNB
+    from hf_slnb import directions as Dn
+
+    seen = []
+    real = Dn.WhitenedOrth.update_covariance
+
+    def update_then_ask(self, ctx, bank, owner):  # type: ignore[no-untyped-def]
+        real(self, ctx, bank, owner)
+        seen.append(ctx.statistics(bank))
+
+    monkeypatch.setattr(Dn.WhitenedOrth, "update_covariance", update_then_ask)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4)).double()
+    x = torch.randn(30, 5, dtype=D) * 2.0 + 0.5
+    opt = SLNB(net.parameters(), model=net, preset="whitened", orth_layers="hidden")
+    net(x).pow(2).mean().backward()
+    opt.step()
+    assert len(seen) == 1
+    mean, sq = x.mean(0), x.pow(2).mean(0)
+    state = opt.state[net[0].weight]
+    torch.testing.assert_close(state["mu"], (1 - 0.9) * mean)  # one fold, not two
+    torch.testing.assert_close(state["nu"], (1 - 0.999) * sq)
+    torch.testing.assert_close(seen[0].mu[0], mean)  # bias-corrected after one step
+    torch.testing.assert_close(seen[0].nu[0], sq)
+    var = sq - mean**2  # with a bias: the variance, shrunk towards its mean (shrinkage)
+    shrink = opt.param_groups[0]["shrinkage"]
+    want = 1.0 / ((1 - shrink) * var + shrink * var.mean())
+    torch.testing.assert_close(seen[0].inv[0], want)
+
+
 class _Block(torch.nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()
