@@ -5,6 +5,8 @@ copies). Importing it imports :mod:`hf_slnb.hf`, which imports transformers and 
 ``OptimizerNames`` (see that package's docstring); nothing else happens at import.
 """
 
+# ruff: noqa: I001  (public names first, then the old module's private helpers)
+
 from __future__ import annotations
 
 # The import of hf_slnb.hf imports transformers.training_args; the start-up hook

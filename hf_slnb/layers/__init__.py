@@ -4,6 +4,8 @@ A new layer type is one :class:`~hf_slnb.layers.base.Neuron` subclass decorated 
 :func:`~hf_slnb.layers.base.register_layer` (see ``linear.py``, ``conv.py``, ``embedding.py``).
 """
 
+# ruff: noqa: I001  (the import order is the registration order: Linear before the rest)
+
 from __future__ import annotations
 
 from ..config import BACKENDS
