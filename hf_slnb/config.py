@@ -264,10 +264,10 @@ OPTIONS: tuple[Option, ...] = (
            "of SLNB's capture work (except under torch.compile, whose graph captures every "
            "step; the step ignores it). The inverse roots are refreshed at every floor("
            "whiten_every / cov_every)-th update (at least every update): no root is older than "
-           "whiten_every steps. The covariance changes slowly: 'whitened' "
-           "takes 3, at the losses of 1 on all four benchmarks (BENCHMARKS.md, issue 13, round 15), "
-           "for a third of the capture work (5 lost 0.008 on GPT-2). Integer >= 1 (1: every "
-           "step).", _positive, acts=_whitening,
+           "whiten_every steps. The covariance changes slowly: 'whitened' takes 4 (its roots "
+           "then at most 8 steps old), at the losses of 3 and 1 on all four benchmarks "
+           "(BENCHMARKS.md, issue 13, rounds 15 and 20), for a quarter of the capture work (5 "
+           "lost 0.008 on GPT-2). Integer >= 1 (1: every step).", _positive, acts=_whitening,
            why_not="only direction='whitened_orth' keeps an input covariance"),
     Option("cov_rows", int, "at most this many input positions (tokens) per forward, evenly "
            "strided (a stride coprime to the sequence length, so every position of a sequence "
@@ -413,10 +413,11 @@ PRESETS: dict[str, SLNBConfig] = {
     # Issue 13: Muon in whitened coordinates on the hidden matrices, Adam elsewhere; lr is AdamW's.
     # cov_rows=512: the same losses on GPT-2, the Llama and MiniLM as every row (round 5).
     # lr_scale=10: its best lr was 10x AdamW's on every task (round 13), so lr is AdamW's own.
-    # cov_every=3: the inputs of one step in three, the same losses on every task (round 15).
+    # cov_every=4: the inputs of one step in four, the same losses on every task as 3 (round 15)
+    # and 1 (round 20); roots at most 8 steps old (whiten_every=10 rounds down to 2 updates).
     "whitened": SLNBConfig(preset="whitened", lr=1e-3, lr_scale=10.0, direction="whitened_orth",
                            diagonal_only=False, trust_region="orth", weight_decay=0.01,
-                           cov_rows=512, cov_every=3),
+                           cov_rows=512, cov_every=4),
 }
 
 

@@ -696,7 +696,9 @@ def main() -> None:
                         help="with --count-ops: comma separated, from " + ",".join(COUNT_OPTIMIZERS))
     parser.add_argument("--micro-batches", type=int, default=2,
                         help="with --count-ops: micro-batches accumulated per step")
-    parser.add_argument("--warmup", type=int, default=3, help="with --count-ops: warm-up steps")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="with --count-ops: warm-up steps (4: the counted step is the fifth, "
+                        "one in which the whitened preset, cov_every=4, reads the inputs)")
     parser.add_argument("--vocab", type=int, default=512, help="with --count-ops: vocabulary size")
     parser.add_argument("--out", default=None, help="with --count-ops: write the counts as JSON")
     parser.add_argument("--side-by-side", default=None, metavar="SPEC;SPEC;...",

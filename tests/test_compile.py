@@ -78,7 +78,7 @@ def test_the_whitened_preset_compiles_its_captures(name: str, cov_rows: int, max
     than AdamW's, and ``aot_eager`` trains bit for bit as eager (which shares one product
     between layers reading one input, q/k/v and gate/up, where the compiled graph computes
     each); also with ``max_block=24``, where every input (32 to 128 wide) keeps diagonal
-    blocks. Its ``cov_every=3`` reads the inputs of the first of the three steps only: eager
+    blocks. Its ``cov_every=4`` reads the inputs of the first of the three steps only: eager
     hooks capture nothing in the other two, the compiled graph captures them all the same (it
     must not change with the step), and the step ignores those sums."""
     options = {**WHITENED, "cov_rows": cov_rows, "max_block": max_block}

@@ -62,12 +62,12 @@ def test_batched_bank_equals_one_optimizer_per_layer(options: dict) -> None:
 
 
 @pytest.mark.parametrize("preset,warmup", [("graft", 2), ("paper", 2), ("whitened", 2),
-                                           ("whitened", 3), ("whitened", 9)])
+                                           ("whitened", 4), ("whitened", 8)])
 def test_step_hooks_and_forward_make_no_host_sync(preset: str, warmup: int) -> None:
     """0 syncs in forward, backward and step (counted by aten dispatch; a count is stable);
-    for ``whitened`` (``cov_every=3``, roots every third update) in a step that reads no input
-    (the third), in one that does (the fourth) and in one that also refreshes the roots (the
-    tenth)."""
+    for ``whitened`` (``cov_every=4``, roots every second update) in a step that reads no input
+    (the third), in one that does (the fifth) and in one that also refreshes the roots (the
+    ninth)."""
     bench = load_script("benchmark_step")
     row = bench.count_step("gpt2-2l", f"slnb{'-paper' if preset == 'paper' else ''}", batch=2,
                            seq=8, vocab=64, micro=2, warmup=warmup,

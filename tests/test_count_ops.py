@@ -108,7 +108,7 @@ def test_count_ops_command_writes_the_table_and_json(tmp_path: Path, monkeypatch
     out = tmp_path / "counts.json"
     monkeypatch.setattr(sys, "argv", [
         str(SCRIPT), "--count-ops", "--models", "gpt2-2l", "--optimizers", "adamw,slnb",
-        "--batch", "2", "--seq", "8", "--vocab", "64", "--warmup", "3", "--out", str(out)])
+        "--batch", "2", "--seq", "8", "--vocab", "64", "--warmup", "4", "--out", str(out)])
     bench.main()
     text = capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
@@ -118,7 +118,7 @@ def test_count_ops_command_writes_the_table_and_json(tmp_path: Path, monkeypatch
     assert slnb["hooked_layers"] == 10  # 4 Conv1D per block, lm_head (owns wte), wpe
     # forward/backward without hooks are the same ops for both optimizers: the difference is
     # what the hooks add, and they add something in every micro-batch of a step that reads the
-    # inputs (the default on this GPT-2, whitened, reads those of one step in three: the 4th)
+    # inputs (the default on this GPT-2, whitened, reads those of one step in four: the 5th)
     hook = bench.hook_ops(slnb, rows[0])
     assert hook["first"] > 0 and hook["later"] > 0
     assert sum(hook["by_op"].values()) == hook["first"] * 10
