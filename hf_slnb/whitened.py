@@ -245,9 +245,10 @@ def whitened_orth(m: torch.Tensor, w: torch.Tensor, steps: int = 5,
     if dtype is not None:
         m, w = m.to(dtype), w.to(dtype)
     o = orthogonalize_ns5(times_blocks(m, w), steps, overwrite=True)
+    u = times_blocks(o, w.mT)
     if per_row:
-        return _sized(row_normalize(_sized_like(times_blocks(o, w.mT), o, result)), size, out)
-    return _sized_like(times_blocks(o, w.mT), o, result, size, out)
+        return _sized(row_normalize(_sized_like(u, o, result)), size, out)
+    return _sized_like(u, o, result, size, out)
 
 
 def whitened_orth_gram(m: torch.Tensor, w: torch.Tensor,
@@ -298,8 +299,7 @@ def whitened_orth_gram(m: torch.Tensor, w: torch.Tensor,
     else:
         u = torch.bmm(m, torch.bmm(torch.bmm(w, q), w.mT))
     o_norm = o_norm_sq.clamp_min(0).sqrt()[..., None, None]  # ‖X_steps‖_F
-    scale = o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30)
-    return _times(u, scale if size == 1.0 else scale.mul_(size), out)
+    return _times(u, o_norm / (torch.linalg.matrix_norm(u, keepdim=True) + 1e-30), size, out)
 
 
 def gram_ns5_factor(s: torch.Tensor, steps: int = 5,
@@ -350,15 +350,17 @@ def _sized_like(u: torch.Tensor, o: torch.Tensor, dtype: torch.dtype | None = No
         return torch.linalg.matrix_norm(t, keepdim=True, dtype=dtype)
 
     scale = norm(o) / (norm(u) + 1e-30)
-    if size != 1.0:
-        scale.mul_(size)
     if torch.promote_types(u.dtype, dtype) != dtype:
         u = u.to(dtype)
-    return _times(u, scale, out)
+    return _times(u, scale, size, out)
 
 
-def _times(u: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``u * scale``, into ``out`` if given."""
+def _times(u: torch.Tensor, scale: torch.Tensor, size: float, out: torch.Tensor | None
+           ) -> torch.Tensor:
+    """``u * (scale * size)`` (``scale`` a per-matrix temporary, multiplied in place: the one
+    pass over ``u``), into ``out`` if given."""
+    if size != 1.0:
+        scale.mul_(size)
     return u * scale if out is None else torch.mul(u, scale, out=out)
 
 
